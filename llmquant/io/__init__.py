@@ -1,0 +1,1 @@
+"""On-disk layouts: bit packing, safetensors shards, checkpoint formats."""

@@ -1,0 +1,80 @@
+"""Pack small unsigned integers into int32 words, as GPTQ and compressed-tensors store them.
+
+Values are laid out as one little-endian bit stream along the packed dimension: element j
+occupies bits ``[bits*j, bits*j + bits)`` of the stream, low bits first, and word w holds
+stream bits ``[32*w, 32*w + 32)``. For 2, 4 and 8 bits a word holds ``32/bits`` whole values;
+3-bit values cross word boundaries, 32 values in 3 words::
+
+    word 0: v0..v9 (30 bits) + low 2 bits of v10
+    word 1: high bit of v10, v11..v20 (30 bits), low bit of v21
+    word 2: high 2 bits of v21, v22..v31
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from llmquant.errors import ShapeError
+
+__all__ = ["pack_int32", "unpack_int32", "packed_length"]
+
+
+def _chunk(bits: int) -> tuple[int, int]:
+    """Return (values, words) of the smallest whole chunk of the stream."""
+    values = 32 // math.gcd(bits, 32)
+    return values, values * bits // 32
+
+
+def packed_length(length: int, bits: int) -> int:
+    """Return how many int32 words hold `length` values of `bits` bits."""
+    values, words = _chunk(bits)
+    if length % values:
+        raise ShapeError(f"cannot pack {length} values of {bits} bits: the length must be a multiple of {values}")
+    return length // values * words
+
+
+def pack_int32(values: Tensor, bits: int, dim: int = 0) -> Tensor:
+    """Pack unsigned `bits`-bit `values` along `dim` into int32 words.
+
+    Args:
+        values: 2-D integer tensor, every value in ``[0, 2**bits)``.
+        dim: the dimension to pack; its length must be a multiple of ``32 / gcd(bits, 32)``.
+
+    Returns:
+        int32 tensor whose `dim` is ``length * bits / 32`` long.
+    """
+    if dim == 1:
+        return pack_int32(values.t(), bits, 0).t().contiguous()
+    length, cols = values.shape
+    n_values, n_words = _chunk(bits)
+    packed_length(length, bits)
+    v = values.to(torch.int64).reshape(length // n_values, n_values, cols)
+    offsets = torch.arange(n_values, device=values.device) * bits
+    word, shift = offsets // 32, (offsets % 32).view(1, -1, 1)
+    shifted = v << shift
+    words = torch.zeros(v.shape[0], n_words + 1, cols, dtype=torch.int64, device=values.device)
+    words.index_add_(1, word, shifted & 0xFFFFFFFF)
+    words.index_add_(1, word + 1, shifted >> 32)
+    words = words[:, :n_words].reshape(-1, cols)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_int32(packed: Tensor, bits: int, dim: int = 0) -> Tensor:
+    """Invert `pack_int32`: return uint8 values (int32 for more than 8 bits) along `dim`."""
+    if dim == 1:
+        return unpack_int32(packed.t(), bits, 0).t().contiguous()
+    rows, cols = packed.shape
+    n_values, n_words = _chunk(bits)
+    if rows % n_words:
+        raise ShapeError(f"cannot unpack {rows} words of {bits}-bit values: expected a multiple of {n_words}")
+    p = packed.to(torch.int64) & 0xFFFFFFFF
+    p = torch.cat([p.reshape(-1, n_words, cols), torch.zeros_like(p[:1]).expand(rows // n_words, cols).unsqueeze(1)], dim=1)
+    offsets = torch.arange(n_values, device=packed.device) * bits
+    word, shift = offsets // 32, (offsets % 32).view(1, -1, 1)
+    low = p[:, word] >> shift
+    high = p[:, word + 1] << (32 - shift)
+    values = (low | high) & (2**bits - 1)
+    return values.reshape(-1, cols).to(torch.uint8 if bits <= 8 else torch.int32)

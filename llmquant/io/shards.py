@@ -1,0 +1,124 @@
+"""Write safetensors shards one tensor at a time, so memory holds one tensor, not one shard.
+
+safetensors files are ``u64 header length | JSON header | data``, and the header lists every
+tensor's byte offsets, so a file cannot be written before all its tensors are known. Each
+shard's data therefore streams into a side file first; when the shard closes, the header is
+written and the data copied behind it. Shards are named as ``save_pretrained`` names them
+(``model.safetensors``, or ``model-00001-of-00003.safetensors`` with
+``model.safetensors.index.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from torch import Tensor
+
+__all__ = ["DTYPE_NAMES", "ShardWriter", "parse_size"]
+
+DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """Return bytes for ``"2GB"``, ``"500MiB"`` or an int."""
+    if isinstance(text, int):
+        return text
+    value = text.strip().upper().replace(" ", "")
+    number = value.rstrip("KMGIB")
+    unit = value[len(number):]
+    if not number or unit not in _UNITS:
+        raise ValueError(f"cannot read size {text!r}: write e.g. 2GB, 500MB or 512MiB")
+    return int(float(number) * _UNITS[unit])
+
+
+class _Shard:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data_path = path.with_name(path.name + ".data")
+        self.data: BinaryIO = open(self.data_path, "wb")
+        self.header: dict[str, Any] = {}
+        self.size = 0
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        tensor = tensor.detach().to("cpu").contiguous()
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        self.header[name] = {
+            "dtype": DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self.size, self.size + len(raw)],
+        }
+        self.data.write(raw)
+        self.size += len(raw)
+
+    def close(self, final_path: Path, metadata: dict[str, str]) -> None:
+        self.data.close()
+        header = json.dumps({"__metadata__": metadata, **self.header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        with open(final_path, "wb") as out, open(self.data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 * 2**20)
+        os.remove(self.data_path)
+
+
+class ShardWriter:
+    """Stream tensors into size-capped safetensors shards in `folder`.
+
+    Example:
+        >>> writer = ShardWriter(folder, max_shard_size=2 * 10**9)
+        >>> writer.add("model.embed_tokens.weight", tensor)
+        >>> files = writer.close()
+    """
+
+    def __init__(self, folder: Path, max_shard_size: int, metadata: dict[str, str] | None = None) -> None:
+        self.folder = Path(folder)
+        self.max_shard_size = max_shard_size
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.shards: list[_Shard] = []
+        self.total_size = 0
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        """Append one tensor, starting a new shard when this one would pass the size cap."""
+        nbytes = tensor.numel() * tensor.element_size()
+        current = self.shards[-1] if self.shards else None
+        if current is None or (current.size and current.size + nbytes > self.max_shard_size):
+            if current is not None:
+                current.data.flush()
+            current = _Shard(self.folder / f"shard-{len(self.shards) + 1:05d}.partial")
+            self.shards.append(current)
+        current.add(name, tensor)
+        self.total_size += nbytes
+
+    def add_all(self, prefix: str, tensors: dict[str, Tensor]) -> None:
+        """Append ``{prefix}.{name}`` for every tensor."""
+        for name, tensor in tensors.items():
+            self.add(f"{prefix}.{name}" if prefix else name, tensor)
+
+    def close(self) -> list[str]:
+        """Finish every shard, write the index when there are several, and return the file names."""
+        count = len(self.shards)
+        if count <= 1:
+            names = ["model.safetensors"]
+        else:
+            names = [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+        if not self.shards:
+            self.shards.append(_Shard(self.folder / "shard-00001.partial"))
+        weight_map: dict[str, str] = {}
+        for shard, name in zip(self.shards, names):
+            shard.close(self.folder / name, self.metadata)
+            weight_map.update(dict.fromkeys(shard.header, name))
+        if count > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return names

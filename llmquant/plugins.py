@@ -1,0 +1,159 @@
+"""Build the plugin manager and collect what plugins register.
+
+There is no module-global manager: `get_plugin_manager()` returns a new `Plugins` each time,
+and callers pass it down.
+
+Environment:
+    LLMQUANT_PLUGINS: which third-party entry points to load. Unset or ``all``: every one;
+        ``none``: only llmquant's own built-ins; a comma-separated list of entry-point names:
+        the built-ins plus those.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points as _entry_points
+from typing import Any
+
+import pluggy
+
+from llmquant import hookspecs
+from llmquant.algorithm import Algorithm
+from llmquant.errors import PluginError
+
+__all__ = ["AlgorithmEntry", "PluginInfo", "Plugins", "get_plugin_manager", "ENV_PLUGINS"]
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "llmquant"
+ENV_PLUGINS = "LLMQUANT_PLUGINS"
+BUILTIN_DISTRIBUTION = "llmquant"
+_REQUIRED_ATTRIBUTES = ("name", "description", "config_type", "result_type", "needs_calibration")
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """A plugin the host found: loaded, or broken with the reason."""
+
+    name: str
+    distribution: str
+    version: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class AlgorithmEntry:
+    """A registered algorithm and the plugin that registered it."""
+
+    cls: type[Algorithm]
+    plugin: PluginInfo
+
+    @property
+    def name(self) -> str:
+        return self.cls.name
+
+
+@dataclass
+class Plugins:
+    """A pluggy manager plus what the host learned while loading it."""
+
+    pm: pluggy.PluginManager
+    info: dict[str, PluginInfo] = field(default_factory=dict)
+    broken: list[PluginInfo] = field(default_factory=list)
+    _algorithms: dict[str, AlgorithmEntry] | None = None
+
+    def register(self, plugin: Any, name: str, distribution: str = "", version: str = "") -> None:
+        """Register a plugin object (a module or an instance) under `name`."""
+        self.pm.register(plugin, name=name)
+        self.info[name] = PluginInfo(name, distribution or name, version)
+        self._algorithms = None
+
+    def algorithms(self) -> dict[str, AlgorithmEntry]:
+        """Return every registered algorithm by name.
+
+        Raises:
+            PluginError: two plugins register the same name, or a class lacks the interface.
+        """
+        if self._algorithms is None:
+            self._algorithms = _collect_algorithms(self)
+        return self._algorithms
+
+    def algorithm(self, name: str) -> AlgorithmEntry:
+        """Return the algorithm called `name`, or raise naming the valid ones."""
+        found = self.algorithms()
+        if name in found:
+            return found[name]
+        hint = "".join(f"; plugin {b.name!r} ({b.distribution}) failed to load" for b in self.broken)
+        raise PluginError(
+            f"unknown algorithm {name!r}: installed algorithms are {', '.join(sorted(found)) or 'none'}"
+            f"{hint} (see `llmquant algorithms`)"
+        )
+
+
+def get_plugin_manager(*, entry_points: bool = True) -> Plugins:
+    """Return a new plugin manager.
+
+    Args:
+        entry_points: load plugins from the ``llmquant`` entry-point group (built-ins included,
+            since they are declared there too). False gives an empty manager, for tests.
+    """
+    pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+    pm.add_hookspecs(hookspecs)
+    plugins = Plugins(pm)
+    if entry_points:
+        _load_entry_points(plugins, os.environ.get(ENV_PLUGINS, "all"))
+    return plugins
+
+
+def _load_entry_points(plugins: Plugins, allow: str) -> None:
+    allowed = {a.strip() for a in allow.split(",") if a.strip()}
+    for ep in _entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist is not None else "unknown"
+        version = ep.dist.version if ep.dist is not None else ""
+        builtin = dist == BUILTIN_DISTRIBUTION
+        if not builtin and "all" not in allowed and ep.name not in allowed:
+            log.debug("skipping plugin %s from %s (%s=%s)", ep.name, dist, ENV_PLUGINS, allow)
+            continue
+        if plugins.pm.has_plugin(ep.name):
+            continue
+        try:
+            module = ep.load()
+        except Exception as exc:  # a broken plugin must not hide the others
+            reason = f"{type(exc).__name__}: {exc}"
+            log.warning("plugin %r from distribution %s %s failed to load: %s", ep.name, dist, version, reason)
+            plugins.broken.append(PluginInfo(ep.name, dist, version, reason))
+            continue
+        plugins.register(module, ep.name, dist, version)
+
+
+def _collect_algorithms(plugins: Plugins) -> dict[str, AlgorithmEntry]:
+    found: dict[str, AlgorithmEntry] = {}
+    for impl in plugins.pm.hook.llmquant_register_algorithms.get_hookimpls():
+        plugin = plugins.info.get(impl.plugin_name, PluginInfo(impl.plugin_name, impl.plugin_name, ""))
+
+        def register(cls: type[Algorithm], plugin: PluginInfo = plugin) -> None:
+            _check_algorithm_class(cls, plugin)
+            if cls.name in found:
+                other = found[cls.name].plugin
+                raise PluginError(
+                    f"algorithm {cls.name!r} is registered twice: by plugin {other.name!r} "
+                    f"({other.distribution}) and by plugin {plugin.name!r} ({plugin.distribution}); "
+                    f"uninstall one, or limit third-party plugins with {ENV_PLUGINS}"
+                )
+            found[cls.name] = AlgorithmEntry(cls, plugin)
+
+        impl.function(register=register)
+    return found
+
+
+def _check_algorithm_class(cls: Any, plugin: PluginInfo) -> None:
+    missing = [a for a in _REQUIRED_ATTRIBUTES if not hasattr(cls, a)]
+    if not callable(getattr(cls, "quantize_weight", None)):
+        missing.append("quantize_weight")
+    if missing:
+        raise PluginError(
+            f"plugin {plugin.name!r} ({plugin.distribution}) registered {cls!r}, which lacks "
+            f"{', '.join(missing)}: see llmquant.algorithm.Algorithm for the interface"
+        )

@@ -1,0 +1,156 @@
+"""Uniform (affine) quantization: the config and the pure tensor functions RTN, GPTQ and the
+groupwise searches share.
+
+Conventions (the GPTQ reference's, arXiv:2210.17323, with the zero in code units)::
+
+    q = clamp(round(w / scale) + zero, 0, 2**bits - 1)        w ~ scale * (q - zero)
+
+Shapes: ``W: (out, in)``; per-group parameters are ``(out, G)`` with ``G = in // group_size``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from llmquant.algorithm import UniformQuantized
+from llmquant.errors import ConfigError, ShapeError
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "UniformConfig",
+    "check_groups",
+    "dequantize_codes",
+    "group_index",
+    "minmax_params",
+    "minmax_quantize",
+    "quantize_to_codes",
+    "to_stored_precision",
+]
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True, kw_only=True)
+class UniformConfig:
+    """Settings every uniform quantizer shares.
+
+    Attributes:
+        bits: bits per weight code: 2, 3, 4 or 8.
+        group_size: input channels sharing one scale and zero; None means one group per
+            output channel (per-channel quantization).
+        symmetric: zero fixed at the middle code ``2**(bits-1)``; False fits a zero per group.
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError("bits", self.bits, f"one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or self.group_size <= 0):
+            raise ConfigError("group_size", self.group_size, "a positive int, or omit it for per-channel")
+
+
+def check_groups(shape: tuple[int, int], group_size: int | None, what: str = "weight") -> int:
+    """Return the group size in channels, raising if it does not divide ``in_features``.
+
+    Raises:
+        ShapeError: naming the weight, its shape and the group size.
+    """
+    in_features = shape[1]
+    size = in_features if group_size is None else group_size
+    if in_features % size:
+        divisors = [d for d in (32, 64, 128, 256) if in_features % d == 0]
+        raise ShapeError(
+            f"{what} has shape {tuple(shape)}: in_features {in_features} is not a multiple of "
+            f"group_size {size}; choose a group size that divides it (e.g. {divisors or 'per-channel'}) "
+            f"or leave the module unquantized with `ignore`"
+        )
+    return size
+
+
+def group_index(in_features: int, group_size: int) -> Tensor:
+    """Return the trivial ``g_idx``: (in,) int32 with ``i // group_size``."""
+    return torch.arange(in_features, dtype=torch.int32) // group_size
+
+
+def minmax_params(xmin: Tensor, xmax: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """Return (scale float32, zero int32) that cover ``[xmin, xmax]`` without clipping.
+
+    Symmetric: zero is ``2**(bits-1)`` and scale is the smallest step that reaches both the
+    most negative value with ``2**(bits-1)`` steps and the most positive with one step fewer
+    (the GPTQ reference uses ``2*absmax / maxq``, which clips the positive end).
+
+    Asymmetric: ``scale = (xmax - xmin) / maxq`` with the range widened to include 0, and the
+    zero is kept >= 1 because GPTQ v1 files store ``zero - 1`` in an unsigned field; a group
+    whose weights all but share a sign widens its step just enough to keep that.
+
+    Args:
+        xmin, xmax: same-shape tensors of per-group minimum and maximum.
+    """
+    maxq = 2**bits - 1
+    xmin = xmin.float().clamp(max=0)
+    xmax = xmax.float().clamp(min=0)
+    if symmetric:
+        half = 2 ** (bits - 1)
+        scale = torch.maximum(-xmin / half, xmax / (half - 1))
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, torch.full_like(scale, half, dtype=torch.int32)
+    scale = (xmax - xmin) / maxq
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-xmin / scale)
+    low = zero < 1
+    scale = torch.where(low, torch.maximum(xmax / (maxq - 1), -xmin), scale)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.where(low, torch.ones_like(zero), zero).clamp(1, maxq)
+    return scale, zero.to(torch.int32)
+
+
+def to_stored_precision(scale: Tensor) -> Tensor:
+    """Round scales to float16, the precision every target format stores them in.
+
+    Codes are computed against the rounded scale, so they are the best codes for the scale
+    that loaders will actually read.
+    """
+    return scale.to(torch.float16).float()
+
+
+def quantize_to_codes(W: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """Return uint8 codes ``clamp(round(W/scale) + zero, 0, 2**bits-1)``; scale/zero broadcast to W."""
+    q = torch.round(W.float() / scale) + zero.float()
+    return q.clamp_(0, 2**bits - 1).to(torch.uint8)
+
+
+def dequantize_codes(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """Return float32 ``scale * (codes - zero)``; scale/zero broadcast to codes."""
+    return (codes.float() - zero.float()) * scale
+
+
+def minmax_quantize(W: Tensor, bits: int, group_size: int | None, symmetric: bool) -> UniformQuantized:
+    """Round every weight to the nearest code of its group's min-max grid.
+
+    Args:
+        W: (out, in) float weight; ``in`` must be a multiple of `group_size`.
+
+    Returns:
+        `UniformQuantized` on W's device, with a trivial ``g_idx``.
+    """
+    out_features, in_features = W.shape
+    size = check_groups((out_features, in_features), group_size)
+    groups = W.float().reshape(out_features, in_features // size, size)
+    scale, zero = minmax_params(groups.amin(dim=2), groups.amax(dim=2), bits, symmetric)
+    scale = to_stored_precision(scale)
+    codes = quantize_to_codes(groups, scale.unsqueeze(2), zero.unsqueeze(2), bits)
+    return UniformQuantized(
+        codes=codes.reshape(out_features, in_features),
+        scales=scale,
+        zeros=zero,
+        g_idx=group_index(in_features, size).to(W.device),
+        bits=bits,
+        group_size=group_size,
+        symmetric=symmetric,
+    )
