@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from llmquant.errors import ConfigError
+from llmquant.io.shards import parse_size
 
 __all__ = ["Override", "QuantizeConfig", "build_dataclass", "load_toml", "resolve_config"]
 
@@ -68,6 +69,10 @@ class QuantizeConfig:
     params: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        try:
+            parse_size(self.max_shard_size)
+        except ValueError as exc:
+            raise ConfigError("max_shard_size", self.max_shard_size, "a size such as 2GB or 500MiB") from exc
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", self.dtype, f"one of {', '.join(DTYPES)}")
         for pattern in (*self.ignore, *(o.pattern for o in self.overrides)):
@@ -124,7 +129,7 @@ def resolve_config(raw: Mapping[str, Any], algorithm_config: type[Any], *, where
     checked_host = build_dataclass(QuantizeConfig, host, where=where, construct=False)
     algorithm = build_dataclass(algorithm_config, params, where=where)
     overrides = tuple(_override(entry, algorithm, algo_fields, where, i) for i, entry in enumerate(raw.get("overrides", ())))
-    config = QuantizeConfig(**checked_host, overrides=overrides, params=dataclasses.asdict(algorithm))
+    config = build_dataclass(QuantizeConfig, {**checked_host, "overrides": overrides, "params": dataclasses.asdict(algorithm)}, where=where)
     return config, algorithm
 
 
@@ -144,7 +149,14 @@ def build_dataclass(cls: type[Any], values: Mapping[str, Any], *, where: str, co
     """Check each value against the field's annotation, then build `cls` (or return the checked dict)."""
     hints = typing.get_type_hints(cls)
     checked = {key: _coerce(key, value, hints[key], where) for key, value in values.items()}
-    return cls(**checked) if construct else checked
+    if not construct:
+        return checked
+    try:
+        return cls(**checked)
+    except ConfigError as exc:  # raised by __post_init__, which does not know the file
+        if exc.where is not None:
+            raise
+        raise ConfigError(exc.field, exc.value, exc.expected, where=where) from None
 
 
 def _coerce(key: str, value: Any, annotation: Any, where: str) -> Any:

@@ -24,7 +24,7 @@ class ConfigError(LlmquantError):
     """
 
     def __init__(self, field: str, value: Any, expected: str, *, where: str | None = None) -> None:
-        self.field, self.value, self.expected = field, value, expected
+        self.field, self.value, self.expected, self.where = field, value, expected, where
         location = f"{where}: {field}" if where else field
         super().__init__(f"{location}: expected {expected}, got {value!r}")
 

@@ -37,9 +37,10 @@ def parse_size(text: str | int) -> int:
     value = text.strip().upper().replace(" ", "")
     number = value.rstrip("KMGIB")
     unit = value[len(number):]
-    if not number or unit not in _UNITS:
-        raise ValueError(f"cannot read size {text!r}: write e.g. 2GB, 500MB or 512MiB")
-    return int(float(number) * _UNITS[unit])
+    try:
+        return int(float(number) * _UNITS[unit])
+    except (ValueError, KeyError):
+        raise ValueError(f"cannot read size {text!r}: write e.g. 2GB, 500MB or 512MiB") from None
 
 
 class _Shard:

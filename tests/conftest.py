@@ -1,0 +1,81 @@
+"""Shared fixtures: a fresh plugin manager and tiny random models saved as real checkpoints."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from llmquant.plugins import Plugins, get_plugin_manager
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TOKENIZER_FILES = {"tokenizer_config.json": '{"model_max_length": 64}\n', "special_tokens_map.json": "{}\n"}
+
+
+@pytest.fixture
+def pm() -> Plugins:
+    """A new manager with the built-in algorithms and no entry points."""
+    plugins = get_plugin_manager(entry_points=False)
+    plugins.register(importlib.import_module("llmquant_plugins.rtn"), "rtn", "llmquant", "test")
+    return plugins
+
+
+ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 32, "sliding_window": 16}),
+    "opt": ("OPTConfig", {"ffn_dim": 256, "word_embed_proj_dim": 128, "do_layer_norm_before": True}),
+}
+
+
+def save_tiny_model(
+    folder: Path, arch: str = "llama", *, layers: int = 2, hidden: int = 128, intermediate: int = 256,
+    vocab: int = 512, seed: int = 0, max_shard_size: str = "2GB",
+) -> Path:
+    """Save a random causal LM with `save_pretrained` (safetensors) plus tokenizer-ish files."""
+    import transformers
+
+    class_name, extra = ARCHS[arch]
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  max_position_embeddings=128)
+    if arch != "opt":
+        common.update(intermediate_size=intermediate, num_key_value_heads=2)
+    config = getattr(transformers, class_name)(**common, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("weight") and param.dim() == 2:
+                param.normal_(0, 0.05)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    for name, text in TOKENIZER_FILES.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama, hidden 128 (loader-friendly multiples of 128), saved once per session."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture
+def tiny_model_factory(tmp_path: Path) -> Callable[..., Path]:
+    counter = iter(range(1000))
+    return lambda arch="llama", **kw: save_tiny_model(tmp_path / f"{arch}-{next(counter)}", arch, **kw)
+
+
+def dir_hash(folder: Path) -> dict[str, int]:
+    """Hash every file in a folder (content and mtime), to prove it was not modified."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): int(hashlib.sha256(p.read_bytes()).hexdigest()[:15], 16) + p.stat().st_mtime_ns
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmquant.errors import ConfigError, ShapeError
+from llmquant.uniform import UniformConfig, minmax_params, minmax_quantize
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).mean() / (ref - approx).pow(2).mean()))
+
+
+@pytest.mark.parametrize("bits,floor_db", [(2, 3.0), (3, 12.0), (4, 19.0), (8, 43.0)], ids=lambda v: str(v))
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_sqnr_per_bit_width(bits: int, floor_db: float, symmetric: bool) -> None:
+    torch.manual_seed(0)
+    W = torch.randn(96, 256)
+    assert sqnr_db(W, minmax_quantize(W, bits, 64, symmetric).dequantize()) > floor_db
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_error_is_at_most_half_a_step(symmetric: bool) -> None:
+    torch.manual_seed(1)
+    W = torch.randn(33, 128) * torch.rand(33, 1) * 3
+    q = minmax_quantize(W, 4, 32, symmetric)
+    step = q.scales[:, q.g_idx.long()]
+    assert bool(((W - q.dequantize()).abs() <= step / 2 + 1e-6).all())
+
+
+def test_symmetric_zero_is_the_middle_code_and_no_value_clips() -> None:
+    W = torch.tensor([[-8.0, 7.0, 0.5, -0.25], [7.0, -1.0, 2.0, 3.0]])
+    q = minmax_quantize(W, 4, None, True)
+    assert q.zeros.tolist() == [[8], [8]]
+    assert q.codes[0, 0].item() == 0 and q.codes[0, 1].item() == 15
+    assert torch.allclose(q.dequantize()[:, :2], W[:, :2])
+
+
+def test_asymmetric_zero_is_never_zero() -> None:
+    # A group whose values are all positive would get zero 0, which GPTQ v1 cannot store.
+    W = torch.tensor([[0.1, 0.5, 1.0, 1.5], [-3.0, -1.0, -2.0, -0.5]])
+    q = minmax_quantize(W, 4, None, False)
+    assert int(q.zeros.min()) >= 1
+    step = q.scales[:, q.g_idx.long()]
+    assert bool(((W - q.dequantize()).abs() <= step / 2 + 1e-6).all())
+
+
+def test_scales_are_stored_in_float16_precision() -> None:
+    q = minmax_quantize(torch.randn(8, 64), 4, 32, True)
+    assert torch.equal(q.scales, q.scales.half().float())
+
+
+def test_zero_weights_do_not_divide_by_zero() -> None:
+    q = minmax_quantize(torch.zeros(4, 64), 4, 32, False)
+    assert torch.equal(q.dequantize(), torch.zeros(4, 64))
+    scale, zero = minmax_params(torch.zeros(3), torch.zeros(3), 4, True)
+    assert bool((scale > 0).all())
+
+
+def test_group_size_must_divide_in_features() -> None:
+    with pytest.raises(ShapeError, match=r"in_features 100 is not a multiple of group_size 64"):
+        minmax_quantize(torch.randn(4, 100), 4, 64, True)
+
+
+@pytest.mark.parametrize("kwargs,field", [({"bits": 5}, "bits"), ({"group_size": 0}, "group_size"), ({"group_size": -1}, "group_size")],
+                         ids=["bits5", "group0", "group-1"])
+def test_config_errors_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{field}: expected"):
+        UniformConfig(**kwargs)
