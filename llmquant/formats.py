@@ -7,6 +7,7 @@ in a later version of the plugin contract; today the host knows the GPTQ layouts
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -18,6 +19,8 @@ from llmquant.errors import PluginError, ShapeError
 from llmquant.io.gptq import gptq_quantization_config, to_gptq_tensors
 
 __all__ = ["GPTQFormat", "ModuleRecord", "get_format", "FORMATS"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,10 +73,36 @@ class GPTQFormat:
             elif (r.bits, r.group_size, r.symmetric) != (bits, group_size, symmetric):
                 dynamic[f"+:{pattern}"] = {"bits": r.bits, "group_size": r.group_size or -1, "sym": r.symmetric}
         extra = {k: algo_params[k] for k in ("desc_act", "damp_percent", "static_groups", "true_sequential") if k in algo_params}
+        kept = _same_in_every_block(records)
+        if kept is not None:
+            extra["modules_in_block_to_quantize"] = [kept]
+        if any(key.startswith("+:") for key in dynamic) or (kept is None and dynamic):
+            log.warning(
+                "per-module settings are stored as gptqmodel `dynamic` rules, which vLLM and GPTQModel.load honour "
+                "but transformers' GPTQ integration ignores; load this output with one of those"
+            )
         return gptq_quantization_config(
             bits=bits, group_size=group_size, symmetric=bool(symmetric), version=self.version,
             dynamic=dynamic or None, extra=extra, quantizer=_quantizer_name(),
         )
+
+
+def _same_in_every_block(records: list[ModuleRecord]) -> list[str] | None:
+    """Return the block-relative names of quantized Linears when some are kept in float, but the
+    same ones in every block (what transformers' ``modules_in_block_to_quantize`` can say)."""
+    by_block: dict[str, tuple[list[str], bool]] = {}
+    for r in records:
+        match = re.match(r"^(.*\.\d+)\.(.+)$", r.name)
+        if match is None:
+            return None
+        names, any_kept = by_block.get(match.group(1), ([], False))
+        if r.bits is not None:
+            names.append(match.group(2))
+        by_block[match.group(1)] = (names, any_kept or r.bits is None)
+    sets = {tuple(names) for names, _ in by_block.values()}
+    if len(sets) != 1 or not any(kept for _, kept in by_block.values()):
+        return None
+    return list(sets.pop())
 
 
 def _quantizer_name() -> str:

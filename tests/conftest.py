@@ -13,7 +13,7 @@ import torch
 from llmquant.plugins import Plugins, get_plugin_manager
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-TOKENIZER_FILES = {"tokenizer_config.json": '{"model_max_length": 64}\n', "special_tokens_map.json": "{}\n"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @pytest.fixture
@@ -52,9 +52,20 @@ def save_tiny_model(
             if name.endswith("weight") and param.dim() == 2:
                 param.normal_(0, 0.05)
     model.save_pretrained(folder, max_shard_size=max_shard_size)
-    for name, text in TOKENIZER_FILES.items():
-        (folder / name).write_text(text)
+    save_tiny_tokenizer(folder, vocab)
     return folder
+
+
+def save_tiny_tokenizer(folder: Path, vocab: int) -> None:
+    """Save a real word-level fast tokenizer whose words are t0, t1, ... (offline, no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab)}}
+    backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(folder)
 
 
 @pytest.fixture(scope="session")

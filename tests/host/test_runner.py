@@ -51,7 +51,7 @@ def test_output_loads_and_matches_the_dequantized_model(
         "quant_method": "gptq", "bits": bits, "group_size": group_size or -1, "sym": symmetric, "desc_act": False,
         "checkpoint_format": "gptq"}
     for name in TOKENIZER_FILES:
-        assert (out / name).read_text() == (tiny_llama / name).read_text()
+        assert (out / name).read_bytes() == (tiny_llama / name).read_bytes()
     tensors = Checkpoint(out)
     q = "model.layers.1.mlp.down_proj"
     assert tensors.infos[f"{q}.qweight"].shape == (256 * bits // 32, 128)

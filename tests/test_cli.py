@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmquant.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_quantize_then_inspect(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code = main(["quantize", str(tiny_llama), "-o", str(out), "--config", str(CONFIGS / "w4-g64-rtn-down8.toml"), "--asym"])
+    assert code == 0
+    summary = capsys.readouterr().out
+    assert "14 Linears quantized (rtn), 0 kept in float" in summary and "smaller" in summary
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    modules = {m["name"]: m for m in info["modules"]}
+    assert modules["model.layers.0.mlp.down_proj"]["bits"] == 8
+    assert modules["model.layers.0.mlp.up_proj"]["bits"] == 4 and modules["model.layers.0.mlp.up_proj"]["symmetric"] is False
+    assert modules["model.layers.0.mlp.up_proj"]["bytes"] < modules["model.layers.0.mlp.up_proj"]["bytes_fp16"] / 3
+    assert info["config"]["symmetric"] is False and info["quantization_config"]["quant_method"] == "gptq"
+    assert main(["inspect", str(out)]) == 0
+    assert "model.layers.1.mlp.down_proj" in capsys.readouterr().out
+
+
+def test_param_flag_and_per_channel(tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["quantize", str(tiny_llama), "-o", str(out), "--per-channel", "--param", "bits=8"]) == 0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (config["bits"], config["group_size"]) == (8, -1)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--algo", "nope"], "unknown algorithm 'nope': installed algorithms are rtn"),
+    (["--bits", "5"], "flags: bits: expected one of 2, 3, 4, 8, got 5"),
+    (["--group-size", "96"], "not a multiple of group_size 96"),
+    (["--format", "exl9"], "unknown format 'exl9': available formats are gptq, gptq_v2"),
+    (["--param", "dampening=0.1"], "dampening: expected a known key"),
+], ids=["algo", "bits", "group", "format", "param"])
+def test_bad_input_is_one_line_and_exit_1(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          argv: list[str], message: str) -> None:
+    assert main(["quantize", str(tiny_llama), "-o", str(tmp_path / "out"), *argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llmquant: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_console_script_runs_without_traceback(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "llmquant.cli", "quantize", str(tmp_path / "missing"), "-o", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_algorithms_lists_rtn(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["algorithms"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("rtn"))
+    assert "llmquant" in line and "round-to-nearest" in line
