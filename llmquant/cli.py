@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     a = commands.add_parser("algorithms", help="list installed algorithms")
     a.add_argument("--json", action="store_true", help="print JSON")
 
+    commands.add_parser("plugins", help="print JSON of installed plugins and the hooks they implement")
+
     i = commands.add_parser("inspect", help="describe a quantized output folder")
     i.add_argument("output", help="a folder written by `llmquant quantize`")
     i.add_argument("--json", action="store_true", help="print JSON")
@@ -94,7 +96,7 @@ def _algorithms(args: argparse.Namespace) -> None:
     from llmquant.plugins import get_plugin_manager
 
     plugins = get_plugin_manager()
-    rows = [
+    rows: list[dict[str, str | None]] = [
         {"name": e.name, "plugin": e.plugin.name, "distribution": e.plugin.distribution,
          "version": e.plugin.version, "description": e.cls.description, "status": "ok"}
         for e in sorted(plugins.algorithms().values(), key=lambda e: e.name)
@@ -112,6 +114,19 @@ def _algorithms(args: argparse.Namespace) -> None:
         print(f"{name:<18} {r['plugin']:<12} {r['distribution']} {r['version']:<10} {r['description']}")
 
 
+def _plugins(args: argparse.Namespace) -> None:
+    from llmquant.plugins import get_plugin_manager
+
+    plugins = get_plugin_manager()
+    rows: list[dict[str, Any]] = [
+        {"name": info.name, "distribution": info.distribution, "version": info.version,
+         "hooks": sorted(h.name for h in plugins.pm.get_hookcallers(plugins.pm.get_plugin(info.name)) or [])}
+        for info in plugins.info.values()
+    ]
+    rows += [{"name": b.name, "distribution": b.distribution, "version": b.version, "error": b.error} for b in plugins.broken]
+    print(json.dumps(rows, indent=2))
+
+
 def _inspect(args: argparse.Namespace) -> None:
     from llmquant.describe import describe_output
 
@@ -122,7 +137,7 @@ def _inspect(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"quantize": _quantize, "algorithms": _algorithms, "inspect": _inspect}
+    handlers = {"quantize": _quantize, "algorithms": _algorithms, "plugins": _plugins, "inspect": _inspect}
     try:
         handlers[args.command](args)
     except LlmquantError as exc:

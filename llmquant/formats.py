@@ -72,7 +72,7 @@ class GPTQFormat:
                 dynamic[f"-:{pattern}"] = {}
             elif (r.bits, r.group_size, r.symmetric) != (bits, group_size, symmetric):
                 dynamic[f"+:{pattern}"] = {"bits": r.bits, "group_size": r.group_size or -1, "sym": r.symmetric}
-        extra = {k: algo_params[k] for k in ("desc_act", "damp_percent", "static_groups", "true_sequential") if k in algo_params}
+        extra: dict[str, Any] = {k: algo_params[k] for k in ("desc_act", "damp_percent", "static_groups", "true_sequential") if k in algo_params}
         kept = _same_in_every_block(records)
         if kept is not None:
             extra["modules_in_block_to_quantize"] = [kept]
@@ -82,7 +82,7 @@ class GPTQFormat:
                 "but transformers' GPTQ integration ignores; load this output with one of those"
             )
         return gptq_quantization_config(
-            bits=bits, group_size=group_size, symmetric=bool(symmetric), version=self.version,
+            bits=int(bits or 4), group_size=group_size, symmetric=bool(symmetric), version=self.version,
             dynamic=dynamic or None, extra=extra, quantizer=_quantizer_name(),
         )
 

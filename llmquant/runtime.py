@@ -44,7 +44,7 @@ class QuantLinear(nn.Module):
         return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
-def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> nn.Module:
+def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Any:
     """Load a folder llmquant wrote as a transformers causal LM on CPU.
 
     Args:
@@ -67,7 +67,7 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = 
         del config.quantization_config
     dtype = dtype or _config_dtype(raw)
     config.dtype = dtype
-    model = build_skeleton(config)
+    model: Any = build_skeleton(config)  # a transformers PreTrainedModel
     checkpoint = Checkpoint(folder)
     quantized = sorted({k.rsplit(".", 1)[0] for k in checkpoint if k.endswith(".qweight")})
     for name in quantized:

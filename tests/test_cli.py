@@ -58,6 +58,13 @@ def test_console_script_runs_without_traceback(tmp_path: Path) -> None:
     assert "does not exist" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_plugins_prints_hooks(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plugins"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {"name": "rtn", "distribution": "llmquant", "version": rows[0]["version"],
+            "hooks": ["llmquant_register_algorithms"]} in rows
+
+
 def test_algorithms_lists_rtn(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["algorithms"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("rtn"))

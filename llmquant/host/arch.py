@@ -48,7 +48,8 @@ def build_skeleton(config: Any) -> nn.Module:
 
     try:
         with init_empty_weights(include_buffers=False):
-            return AutoModelForCausalLM.from_config(config)
+            model: nn.Module = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+            return model
     except ValueError as exc:
         raise CheckpointError(
             f"transformers has no causal-LM class for model_type {getattr(config, 'model_type', '?')!r} ({exc}); "

@@ -132,13 +132,17 @@ def _write_tensors(
             W = checkpoint[key].to(config.device)
             result = _run_algorithm(algorithm, entry, module, W, module_config)
             writer.add_all(module, fmt.tensors(result))
-            records.append(ModuleRecord(module, tuple(W.shape), result.bits, result.group_size, result.symmetric))
+            records.append(ModuleRecord(module, _shape2(tuple(W.shape)), result.bits, result.group_size, result.symmetric))
             del W, result
-        records.extend(ModuleRecord(n, tuple(checkpoint.infos[f"{n}.weight"].shape)) for n, c in plan.configs.items()
+        records.extend(ModuleRecord(n, _shape2(checkpoint.infos[f"{n}.weight"].shape)) for n, c in plan.configs.items()
                        if c is None and n.startswith(f"{plan.layout.block_name(index)}."))
     for key in outside:
         copy(key)
     return records
+
+
+def _shape2(shape: tuple[int, ...]) -> tuple[int, int]:
+    return int(shape[0]), int(shape[1])
 
 
 def _run_algorithm(algorithm: Any, entry: AlgorithmEntry, module: str, W: torch.Tensor, module_config: Any) -> Any:

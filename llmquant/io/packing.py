@@ -76,5 +76,5 @@ def unpack_int32(packed: Tensor, bits: int, dim: int = 0) -> Tensor:
     word, shift = offsets // 32, (offsets % 32).view(1, -1, 1)
     low = p[:, word] >> shift
     high = p[:, word + 1] << (32 - shift)
-    values = (low | high) & (2**bits - 1)
+    values: Tensor = (low | high) & (2**bits - 1)
     return values.reshape(-1, cols).to(torch.uint8 if bits <= 8 else torch.int32)
