@@ -20,7 +20,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 def pm() -> Plugins:
     """A new manager with the built-in algorithms and no entry points."""
     plugins = get_plugin_manager(entry_points=False)
-    plugins.register(importlib.import_module("llmquant_plugins.rtn"), "rtn", "llmquant", "test")
+    for name in ("rtn", "gptq"):
+        plugins.register(importlib.import_module(f"llmquant_plugins.{name}"), name, "llmquant", "test")
     return plugins
 
 

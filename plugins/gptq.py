@@ -1,0 +1,219 @@
+"""GPTQ: quantize one column at a time and push each column's error onto the columns not yet
+quantized, weighted by the inverse Hessian of the layer's input.
+
+Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", arXiv:2210.17323, Algorithm 1 (lazy batch updates over the upper Cholesky factor
+of ``H^-1``). Names follow the paper and the reference implementation (IST-DASLab/gptq):
+``W`` (out, in) weight, ``H`` (in, in) Hessian ``2 X X^T / n``, ``Hinv`` Cholesky factor of its
+inverse, ``Q`` quantized weight, ``Err`` scaled errors of one lazy batch.
+
+Column orders:
+
+* natural: columns in index order, group parameters fitted when a group starts.
+* ``desc_act``: columns by decreasing ``diag(H)`` (act-order); groups are formed in that order,
+  so ``g_idx`` is a permutation-derived assignment.
+* ``desc_act`` + ``static_groups``: act-order processing with group parameters fitted on the
+  original weight before any update; ``g_idx`` stays ``i // group_size`` (fast kernels need it).
+* ``act_group_aware`` (default): groups are visited by decreasing importance (their largest
+  ``diag(H)``) and, inside each group, columns by decreasing ``diag(H)``. Group parameters are
+  fitted on the updated weight when the group starts and ``g_idx`` stays trivial: most of
+  act-order's gain at no cost to the kernels (GPTQModel's "GAR" ordering does the same).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+from llmquant import hookimpl
+from llmquant.algorithm import Algorithm, CalibrationStats, UniformQuantized
+from llmquant.errors import ConfigError, LlmquantError, ShapeError
+from llmquant.uniform import UniformConfig, check_groups, minmax_params, quantize_to_codes, to_stored_precision
+
+__all__ = ["GPTQ", "GPTQConfig", "gptq_quantize", "find_params"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTQConfig(UniformConfig):
+    """GPTQ settings.
+
+    Attributes:
+        damp_percent: dampening added to the Hessian diagonal, as a fraction of its mean.
+            Retried at 10x, up to 1.0, if the Cholesky factorization fails.
+        desc_act: process columns by decreasing Hessian diagonal (act-order).
+        static_groups: with desc_act, fit group parameters before any update, keeping a trivial g_idx.
+        act_group_aware: visit whole groups by importance, columns inside by importance; trivial g_idx.
+        mse: search each group's clipping ratio for the lowest error instead of plain min-max.
+        block_size: columns per lazy batch update.
+    """
+
+    damp_percent: float = 0.01
+    desc_act: bool = False
+    static_groups: bool = False
+    act_group_aware: bool = True
+    mse: bool = False
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.damp_percent < 1:
+            raise ConfigError("damp_percent", self.damp_percent, "a fraction in (0, 1), e.g. 0.01")
+        if self.block_size <= 0:
+            raise ConfigError("block_size", self.block_size, "a positive number of columns, e.g. 128")
+        if self.static_groups and not self.desc_act:
+            raise ConfigError("static_groups", self.static_groups, "to be used with desc_act = true")
+
+
+def find_params(W: Tensor, bits: int, symmetric: bool, mse: bool) -> tuple[Tensor, Tensor]:
+    """Fit (scale, zero) per row of ``W: (rows, cols)``; with `mse`, shrink the range by the
+    factor (1.0, 0.99, ... 0.2) that minimizes each row's squared error, as the reference's
+    ``Quantizer.find_params(mse=True)`` does (with norm 2)."""
+    xmin, xmax = W.amin(dim=1), W.amax(dim=1)
+    scale, zero = minmax_params(xmin, xmax, bits, symmetric)
+    scale = to_stored_precision(scale)
+    if not mse:
+        return scale, zero
+    best = torch.full_like(scale, float("inf"))
+    for shrink in torch.linspace(1.0, 0.2, 81).tolist():
+        s, z = minmax_params(xmin * shrink, xmax * shrink, bits, symmetric)
+        s = to_stored_precision(s)
+        q = quantize_to_codes(W, s[:, None], z[:, None], bits).float()
+        err = ((q - z[:, None]) * s[:, None] - W).pow(2).sum(dim=1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
+
+
+def _inverse_cholesky(H: Tensor, damp_percent: float, name: str) -> Tensor:
+    """Return the upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising damping on failure."""
+    damp = damp_percent
+    while True:
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * torch.mean(torch.diag(H)))
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U
+        if damp >= 1.0:
+            raise LlmquantError(
+                f"GPTQ failed on {name}: the Hessian is not positive definite even with damp_percent=1.0; "
+                f"give more or more varied calibration data, or leave the module unquantized with `ignore`"
+            )
+        log.warning("GPTQ on %s: Cholesky failed at damp_percent=%g, retrying at %g", name, damp, min(damp * 10, 1.0))
+        damp = min(damp * 10, 1.0)
+
+
+def _column_order(diag: Tensor, groups: int, size: int, config: GPTQConfig) -> Tensor | None:
+    if config.desc_act:
+        return torch.argsort(diag, descending=True, stable=True)
+    if config.act_group_aware and groups > 1:
+        per_group = diag.view(groups, size)
+        group_order = torch.argsort(per_group.amax(dim=1), descending=True, stable=True)
+        inner = torch.argsort(per_group, dim=1, descending=True, stable=True)
+        return (group_order[:, None] * size + inner[group_order]).flatten()
+    return None
+
+
+def gptq_quantize(W: Tensor, H: Tensor, config: GPTQConfig, name: str = "weight") -> UniformQuantized:
+    """Quantize ``W: (out, in)`` against the Hessian ``H: (in, in)`` of its input (Algorithm 1).
+
+    Returns:
+        `UniformQuantized` with codes in the original column order and the g_idx its order implies.
+    """
+    out_features, in_features = W.shape
+    size = check_groups((out_features, in_features), config.group_size, name)
+    groups = in_features // size
+    bits = config.bits
+    W = W.float().clone()
+    H = H.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    perm = _column_order(torch.diag(H), groups, size, config)
+    g_of_col = torch.arange(in_features, device=W.device) // size  # group of each original column
+    scales = torch.zeros(out_features, groups, device=W.device)
+    zeros = torch.zeros(out_features, groups, dtype=torch.int32, device=W.device)
+    fitted = torch.zeros(groups, dtype=torch.bool)
+    if config.static_groups or config.group_size is None:
+        for g in range(groups):
+            scales[:, g], zeros[:, g] = find_params(W[:, g * size:(g + 1) * size], bits, config.symmetric, config.mse)
+        fitted[:] = True
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+        if config.desc_act and not config.static_groups:
+            g_of_col = torch.empty_like(g_of_col)
+            g_of_col[perm] = torch.arange(in_features, device=W.device) // size
+        group_in_order = g_of_col[perm]
+    else:
+        group_in_order = g_of_col
+
+    Hinv = _inverse_cholesky(H, config.damp_percent, name)
+    codes = torch.zeros(out_features, in_features, dtype=torch.uint8, device=W.device)
+    for i1 in range(0, in_features, config.block_size):
+        i2 = min(i1 + config.block_size, in_features)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            g = int(group_in_order[i1 + i])
+            if not fitted[g]:
+                # the group's columns, in processing order, are contiguous from here (natural, act-group-aware
+                # and act-order orders all visit a group's columns together)
+                scales[:, g], zeros[:, g] = find_params(_group_columns(W, W1, i1, i, size), bits, config.symmetric, config.mse)
+                fitted[g] = True
+            w = W1[:, i]
+            q = quantize_to_codes(w, scales[:, g], zeros[:, g], bits)
+            codes[:, i1 + i] = q
+            err = (w - (q.float() - zeros[:, g]) * scales[:, g]) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if perm is not None:
+        restored = torch.empty_like(codes)
+        restored[:, perm] = codes
+        codes = restored
+    return UniformQuantized(codes=codes, scales=scales, zeros=zeros, g_idx=g_of_col.to(torch.int32),
+                            bits=bits, group_size=config.group_size, symmetric=config.symmetric)
+
+
+def _group_columns(W: Tensor, W1: Tensor, i1: int, i: int, size: int) -> Tensor:
+    """Columns [i1 + i, i1 + i + size) of the partly updated weight, in processing order."""
+    start = i1 + i
+    inside = W1[:, i:i + size]
+    if inside.shape[1] == size:
+        return inside
+    return torch.cat([inside, W[:, i1 + W1.shape[1]:start + size]], dim=1)
+
+
+class GPTQ:
+    """GPTQ with lazy batch updates; needs the Hessian of each layer's input."""
+
+    name: ClassVar[str] = "gptq"
+    description: ClassVar[str] = "GPTQ (arXiv:2210.17323): error feedback through the input Hessian; needs calibration"
+    config_type: ClassVar[type[GPTQConfig]] = GPTQConfig
+    result_type: ClassVar[type[UniformQuantized]] = UniformQuantized
+    needs_calibration: ClassVar[bool] = True
+
+    def quantize_weight(self, W: Tensor, config: GPTQConfig, stats: CalibrationStats | None) -> UniformQuantized:
+        """Quantize ``W: (out, in)`` with ``stats.H: (in, in)``."""
+        if stats is None:
+            raise LlmquantError("GPTQ needs calibration data: pass --calib SOURCE (a text file, folder or dataset)")
+        if stats.H.shape != (W.shape[1], W.shape[1]):
+            raise ShapeError(f"GPTQ: Hessian of shape {tuple(stats.H.shape)} does not match a weight of shape {tuple(W.shape)}")
+        return gptq_quantize(W, stats.H, config)
+
+
+@hookimpl
+def llmquant_register_algorithms(register: Callable[[type[Algorithm]], None]) -> None:
+    register(GPTQ)

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmquant.algorithm import CalibrationStats
+from llmquant.errors import ConfigError, LlmquantError
+from llmquant.uniform import minmax_quantize
+from llmquant_plugins.gptq import GPTQ, GPTQConfig, gptq_quantize
+
+
+def layer(out_features: int = 96, in_features: int = 256, tokens: int = 2048, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight and the Hessian 2 X^T X / n of correlated, unevenly scaled inputs (like real activations)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(in_features, in_features, generator=g) / in_features**0.5
+    scale = torch.exp(torch.randn(in_features, generator=g))
+    X = (torch.randn(tokens, in_features, generator=g) @ (torch.eye(in_features) + mix)) * scale
+    W = torch.randn(out_features, in_features, generator=g) * 0.05
+    return W, 2 * X.t() @ X / tokens
+
+
+def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    D = W - Q
+    return float(torch.trace(D @ H @ D.t()))
+
+
+CONFIGS = {
+    "natural": dict(act_group_aware=False),
+    "act-group-aware": dict(),
+    "desc-act": dict(desc_act=True, act_group_aware=False),
+    "static-groups": dict(desc_act=True, static_groups=True, act_group_aware=False),
+    "mse": dict(mse=True),
+}
+
+
+@pytest.mark.parametrize("bits", [3, 4], ids=lambda b: f"{b}bit")
+@pytest.mark.parametrize("variant", list(CONFIGS))
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_gptq_output_error_is_below_rtn(bits: int, variant: str, symmetric: bool) -> None:
+    W, H = layer()
+    config = GPTQConfig(bits=bits, group_size=64, symmetric=symmetric, **CONFIGS[variant])
+    rtn = output_error(W, minmax_quantize(W, bits, 64, symmetric).dequantize(), H)
+    gptq = output_error(W, gptq_quantize(W, H, config).dequantize(), H)
+    assert gptq < 0.8 * rtn, (gptq, rtn)
+
+
+def test_act_order_helps_on_this_layer() -> None:
+    W, H = layer()
+    natural = output_error(W, gptq_quantize(W, H, GPTQConfig(bits=3, group_size=64, act_group_aware=False)).dequantize(), H)
+    aware = output_error(W, gptq_quantize(W, H, GPTQConfig(bits=3, group_size=64)).dequantize(), H)
+    assert aware < natural
+
+
+def test_desc_act_g_idx_follows_the_hessian_order() -> None:
+    W, H = layer()
+    result = gptq_quantize(W, H, GPTQConfig(group_size=64, desc_act=True, act_group_aware=False))
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+    expected = torch.empty(256, dtype=torch.int32)
+    expected[perm] = torch.arange(256, dtype=torch.int32) // 64
+    assert torch.equal(result.g_idx, expected)
+    assert sorted(torch.bincount(result.g_idx).tolist()) == [64] * 4
+
+
+@pytest.mark.parametrize("variant", ["natural", "act-group-aware", "static-groups"])
+def test_trivial_g_idx_orders(variant: str) -> None:
+    W, H = layer()
+    result = gptq_quantize(W, H, GPTQConfig(group_size=64, **CONFIGS[variant]))
+    assert torch.equal(result.g_idx, torch.arange(256, dtype=torch.int32) // 64)
+
+
+def test_static_groups_fit_scales_on_the_original_weight() -> None:
+    W, H = layer()
+    result = gptq_quantize(W, H, GPTQConfig(group_size=64, desc_act=True, static_groups=True, act_group_aware=False))
+    assert torch.equal(result.scales, minmax_quantize(W, 4, 64, True).scales)
+
+
+def test_dead_input_channels_are_zeroed() -> None:
+    W, H = layer()
+    H[:, 5] = 0
+    H[5, :] = 0
+    result = gptq_quantize(W, H, GPTQConfig(group_size=64))
+    assert torch.all(result.dequantize()[:, 5] == 0)
+
+
+def test_per_channel_and_8bit() -> None:
+    W, H = layer()
+    result = gptq_quantize(W, H, GPTQConfig(bits=8, group_size=None))
+    assert result.scales.shape == (96, 1)
+    assert output_error(W, result.dequantize(), H) < output_error(W, minmax_quantize(W, 8, None, True).dequantize(), H)
+
+
+def test_failed_cholesky_retries_with_more_damping(caplog: pytest.LogCaptureFixture) -> None:
+    W, _ = layer()
+    v = torch.randn(256, 1)
+    H = -(v @ v.t())  # negative semi-definite: fails until damping dominates
+    H.diagonal().add_(-1e-3)
+    with pytest.raises(LlmquantError, match="not positive definite even with damp_percent=1.0"):
+        gptq_quantize(W, H, GPTQConfig(group_size=64), name="model.layers.3.mlp.down_proj")
+    assert "retrying at 0.1" in caplog.text
+    H2 = v @ v.t()  # rank one: the default damping rescues it
+    gptq_quantize(W, H2, GPTQConfig(group_size=64))
+
+
+def test_plugin_refuses_without_calibration() -> None:
+    W, H = layer()
+    with pytest.raises(LlmquantError, match="--calib"):
+        GPTQ().quantize_weight(W, GPTQConfig(), None)
+    assert GPTQ().quantize_weight(W, GPTQConfig(group_size=64), CalibrationStats(H, 2048)).codes.shape == W.shape
+
+
+@pytest.mark.parametrize("kwargs,field", [({"damp_percent": 1.5}, "damp_percent"), ({"static_groups": True}, "static_groups"),
+                                          ({"block_size": 0}, "block_size")], ids=["damp", "static", "block"])
+def test_config_errors(kwargs: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{field}"):
+        GPTQConfig(**kwargs)
