@@ -46,6 +46,26 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--param", action="append", metavar="KEY=VALUE", default=[],
                    help="any algorithm setting, VALUE in TOML syntax (repeatable), e.g. --param damp_percent=0.05")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    c = q.add_argument_group("calibration (algorithms that need data, e.g. gptq)")
+    c.add_argument("--calib", metavar="SOURCE", help="text/json/jsonl/parquet file, a folder of them, or a `datasets` name")
+    c.add_argument("--calib-samples", type=int, help="number of token windows (default 128)")
+    c.add_argument("--calib-seqlen", type=int, help="tokens per window (default 512)")
+    c.add_argument("--calib-split", help="dataset split (default train)")
+    c.add_argument("--calib-column", help="text column (default: text, extract, or the first string column)")
+    c.add_argument("--calib-config", help="dataset config name, e.g. wikitext-2-raw-v1")
+    c.add_argument("--calib-chat-template", action="store_true", default=None,
+                   help="wrap each document as a user turn with the tokenizer's chat template (instruct models)")
+    c.add_argument("--calib-batch-size", type=int, help="windows per forward pass (default 8)")
+    c.add_argument("--calib-dtype", help="activation dtype while calibrating: bfloat16 (default), float16, float32")
+    c.add_argument("--calib-memory", help="memory for stored activations before they spill to disk (default 4GB)")
+    c.add_argument("--seed", type=int, help="seed for the order of calibration documents (default 0)")
+    g = q.add_argument_group("gptq")
+    g.add_argument("--damp-percent", type=float, help="Hessian dampening as a fraction of its mean diagonal (default 0.01)")
+    g.add_argument("--desc-act", action="store_true", default=None, help="act-order: columns by decreasing Hessian diagonal")
+    g.add_argument("--static-groups", action="store_true", default=None, help="with --desc-act: fit groups first, trivial g_idx")
+    g.add_argument("--no-act-group-aware", dest="act_group_aware", action="store_false", default=None,
+                   help="visit columns in index order instead of whole groups by importance")
+    g.add_argument("--mse", action="store_true", default=None, help="search each group's clipping ratio")
 
     a = commands.add_parser("algorithms", help="list installed algorithms")
     a.add_argument("--json", action="store_true", help="print JSON")
@@ -64,6 +84,10 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         "algo": args.algo, "format": args.format, "bits": args.bits, "group_size": args.group_size,
         "symmetric": args.symmetric, "dtype": args.dtype, "max_shard_size": args.max_shard_size,
         "device": args.device, "ignore": args.ignore,
+        **{k: getattr(args, k) for k in (
+            "calib", "calib_samples", "calib_seqlen", "calib_split", "calib_column", "calib_config", "calib_chat_template",
+            "calib_batch_size", "calib_dtype", "calib_memory", "seed", "damp_percent", "desc_act", "static_groups",
+            "act_group_aware", "mse")},
     }
     settings.update({k: v for k, v in flags.items() if v is not None})
     if args.per_channel:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from llmquant.errors import ConfigError
+from llmquant.host.calibration_data import CalibrationConfig
 from llmquant.io.shards import parse_size
 
 __all__ = ["Override", "QuantizeConfig", "build_dataclass", "load_toml", "resolve_config"]
@@ -67,6 +68,7 @@ class QuantizeConfig:
     max_shard_size: str = "2GB"
     device: str = "cpu"
     params: Mapping[str, Any] = field(default_factory=dict)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self) -> None:
         try:
@@ -88,10 +90,12 @@ class QuantizeConfig:
             "overrides": [{"pattern": o.pattern, **o.params} for o in self.overrides],
             "dtype": self.dtype, "max_shard_size": self.max_shard_size, "device": self.device,
             **dict(self.params),
+            **dataclasses.asdict(self.calibration),
         }
 
 
-_HOST_FIELDS = {f.name for f in dataclasses.fields(QuantizeConfig)} - {"params", "overrides"}
+_HOST_FIELDS = {f.name for f in dataclasses.fields(QuantizeConfig)} - {"params", "overrides", "calibration"}
+_CALIBRATION_FIELDS = {f.name for f in dataclasses.fields(CalibrationConfig)}
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -118,18 +122,22 @@ def resolve_config(raw: Mapping[str, Any], algorithm_config: type[Any], *, where
     algo_fields = {f.name for f in dataclasses.fields(algorithm_config)}
     host: dict[str, Any] = {}
     params: dict[str, Any] = {}
+    calibration: dict[str, Any] = {}
     for key, value in raw.items():
         if key in _HOST_FIELDS:
             host[key] = value
+        elif key in _CALIBRATION_FIELDS:
+            calibration[key] = value
         elif key in algo_fields:
             params[key] = value
         elif key != "overrides":
-            valid = sorted(_HOST_FIELDS | algo_fields | {"overrides"})
+            valid = sorted(_HOST_FIELDS | _CALIBRATION_FIELDS | algo_fields | {"overrides"})
             raise ConfigError(key, value, f"a known key; valid keys are {', '.join(valid)}", where=where)
     checked_host = build_dataclass(QuantizeConfig, host, where=where, construct=False)
     algorithm = build_dataclass(algorithm_config, params, where=where)
     overrides = tuple(_override(entry, algorithm, algo_fields, where, i) for i, entry in enumerate(raw.get("overrides", ())))
-    config = build_dataclass(QuantizeConfig, {**checked_host, "overrides": overrides, "params": dataclasses.asdict(algorithm)}, where=where)
+    config = build_dataclass(QuantizeConfig, {**checked_host, "overrides": overrides, "params": dataclasses.asdict(algorithm),
+                                              "calibration": build_dataclass(CalibrationConfig, calibration, where=where)}, where=where)
     return config, algorithm
 
 

@@ -2,7 +2,9 @@
 
 Peak memory is one block's tensors plus one quantized result, whatever the model's depth:
 tensors are read one at a time from the shards (`Checkpoint`) and streamed into the output
-shards (`ShardWriter`), and the model itself exists only as a meta-device skeleton.
+shards (`ShardWriter`), and the model itself exists only as a meta-device skeleton. Algorithms
+that need calibration run through `SequentialCalibrator`, which adds the calibration
+activations (see its module for the peak-memory formula).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +21,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from llmquant.algorithm import CalibrationStats, QuantResult
 from llmquant.config import QuantizeConfig
 from llmquant.errors import LlmquantError, PluginError
 from llmquant.formats import GPTQFormat, ModuleRecord, get_format
 from llmquant.host.arch import BlockLayout, build_skeleton, find_blocks
+from llmquant.host.calibrate import SequentialCalibrator
+from llmquant.host.calibration_data import CalibrationConfig, load_calibration
 from llmquant.host.checkpoint import Checkpoint
 from llmquant.host.output import OutputFolder
 from llmquant.io.shards import ShardWriter, parse_size
@@ -56,8 +62,33 @@ class _Plan:
     configs: dict[str, Any]
 
 
+class _Job:
+    """One run's moving parts: where tensors come from, what quantizes them, where they go."""
+
+    def __init__(self, checkpoint: Checkpoint, plan: _Plan, entry: AlgorithmEntry, fmt: GPTQFormat,
+                 config: QuantizeConfig, writer: ShardWriter) -> None:
+        self.checkpoint, self.plan, self.entry, self.fmt, self.config, self.writer = checkpoint, plan, entry, fmt, config, writer
+        self.algorithm = entry.cls()
+        self.cast = None if config.dtype == "auto" else getattr(torch, config.dtype)
+        self.records: list[ModuleRecord] = []
+
+    def copy(self, key: str) -> None:
+        tensor = self.checkpoint[key]
+        self.writer.add(key, tensor.to(self.cast) if self.cast is not None and tensor.is_floating_point() else tensor)
+
+    def quantize(self, module: str, stats: CalibrationStats | None) -> QuantResult:
+        """Quantize one Linear from the source checkpoint and write its tensors."""
+        W = self.checkpoint[f"{module}.weight"].to(self.config.device)
+        result = _run_algorithm(self.algorithm, self.entry, module, W, self.plan.configs[module], stats)
+        self.writer.add_all(module, self.fmt.tensors(result))
+        bits, group_size, symmetric = (getattr(result, k, None) for k in ("bits", "group_size", "symmetric"))
+        self.records.append(ModuleRecord(module, _shape2(tuple(W.shape)), bits, group_size, symmetric))
+        return result
+
+
 def quantize_checkpoint(
-    source: Path, output: Path, config: QuantizeConfig, algo_config: Any, plugins: Plugins, *, overwrite: bool = False
+    source: Path, output: Path, config: QuantizeConfig, algo_config: Any, plugins: Plugins,
+    *, overwrite: bool = False,
 ) -> QuantizeReport:
     """Quantize the checkpoint folder `source` into `output`, block by block.
 
@@ -69,20 +100,44 @@ def quantize_checkpoint(
     start = time.perf_counter()
     entry = plugins.algorithm(config.algo)
     fmt = get_format(config.format, entry.cls.result_type, config.algo)
-    if entry.cls.needs_calibration:
-        raise PluginError(f"algorithm {config.algo!r} needs calibration data, which this version of the host cannot give yet")
+    calibration = config.calibration
+    if entry.cls.needs_calibration and calibration.calib is None:
+        raise LlmquantError(
+            f"algorithm {config.algo!r} needs calibration data: pass --calib SOURCE (a .txt/.json/.jsonl/.parquet file, "
+            f"a folder of them, or a datasets name), e.g. --calib wiki.txt --calib-samples 128 --calib-seqlen 512"
+        )
     checkpoint = Checkpoint(source)
-    layout = find_blocks(build_skeleton(AutoConfig.from_pretrained(source)))
+    skeleton = build_skeleton(AutoConfig.from_pretrained(source))
+    layout = find_blocks(skeleton)
     plan = _plan(layout, checkpoint, config, algo_config, fmt)
+    samples = _calibration_samples(source, calibration) if entry.cls.needs_calibration else None
     folder = OutputFolder(output, source=source, overwrite=overwrite)
-    with folder as tmp:
+    with folder as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{output.name}.activations-") as spill:
         writer = ShardWriter(tmp, parse_size(config.max_shard_size), metadata={"quantizer": "llmquant"})
-        records = _write_tensors(checkpoint, plan, entry, fmt, config, writer)
+        job = _Job(checkpoint, plan, entry, fmt, config, writer)
+        calibrator = None
+        if samples is not None:
+            calibrator = SequentialCalibrator(
+                skeleton, layout, checkpoint, samples, batch_size=calibration.calib_batch_size,
+                dtype=calibration.torch_dtype, device=config.device, memory=parse_size(calibration.calib_memory),
+                spill_dir=Path(spill))
+            calibrator.capture_inputs()
+        _write_blocks(job, calibrator)
         writer.close()
-        folder.write_metadata(records, fmt.quantization_config(records, dict(algo_config.__dict__)), config)
-    report = QuantizeReport(output, records, checkpoint.total_bytes, folder.size(), time.perf_counter() - start)
+        folder.write_metadata(job.records, fmt.quantization_config(job.records, dict(algo_config.__dict__)), config)
+    report = QuantizeReport(output, job.records, checkpoint.total_bytes, folder.size(), time.perf_counter() - start)
     log.info("quantized %d Linears into %s in %.1f s", report.quantized, output, report.seconds)
     return report
+
+
+def _calibration_samples(source: Path, calibration: CalibrationConfig) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # transformers raises several types for a missing tokenizer
+        raise LlmquantError(f"{source} has no usable tokenizer for calibration text ({exc}); copy the tokenizer files there") from exc
+    return load_calibration(calibration, tokenizer)
 
 
 def _plan(layout: BlockLayout, checkpoint: Checkpoint, config: QuantizeConfig, algo_config: Any, fmt: GPTQFormat) -> _Plan:
@@ -105,51 +160,44 @@ def _plan(layout: BlockLayout, checkpoint: Checkpoint, config: QuantizeConfig, a
     return _Plan(layout, configs)
 
 
-def _write_tensors(
-    checkpoint: Checkpoint, plan: _Plan, entry: AlgorithmEntry, fmt: GPTQFormat, config: QuantizeConfig, writer: ShardWriter
-) -> list[ModuleRecord]:
-    algorithm = entry.cls()
-    cast = None if config.dtype == "auto" else getattr(torch, config.dtype)
+def _write_blocks(job: _Job, calibrator: SequentialCalibrator | None) -> None:
+    plan = job.plan
     by_block: dict[int, list[str]] = {}
     outside: list[str] = []
     block_re = re.compile(rf"^{re.escape(plan.layout.prefix)}\.(\d+)\.")
-    for key in checkpoint:
+    for key in job.checkpoint:
         match = block_re.match(key)
         (by_block.setdefault(int(match.group(1)), []) if match else outside).append(key)
 
-    def copy(key: str) -> None:
-        tensor = checkpoint[key]
-        writer.add(key, tensor.to(cast) if cast is not None and tensor.is_floating_point() else tensor)
-
-    records: list[ModuleRecord] = []
-    for index in tqdm(range(plan.layout.count), desc=f"{config.algo} -> {config.format}", unit="block"):
+    for index in tqdm(range(plan.layout.count), desc=f"{job.config.algo} -> {job.config.format}", unit="block"):
+        block = plan.layout.block_name(index) + "."
+        targets = {n for n, c in plan.configs.items() if c is not None and n.startswith(block)}
+        if calibrator is not None:
+            calibrator.run_block(index, lambda name, stats: job.quantize(name, stats).dequantize(), targets)
         for key in by_block.get(index, []):
             module, _, leaf = key.rpartition(".")
-            module_config = plan.configs.get(module)
-            if module_config is None or leaf != "weight":
-                copy(key)
-                continue
-            W = checkpoint[key].to(config.device)
-            result = _run_algorithm(algorithm, entry, module, W, module_config)
-            writer.add_all(module, fmt.tensors(result))
-            records.append(ModuleRecord(module, _shape2(tuple(W.shape)), result.bits, result.group_size, result.symmetric))
-            del W, result
-        records.extend(ModuleRecord(n, _shape2(checkpoint.infos[f"{n}.weight"].shape)) for n, c in plan.configs.items()
-                       if c is None and n.startswith(f"{plan.layout.block_name(index)}."))
+            if module not in targets or leaf != "weight":
+                job.copy(key)
+            elif calibrator is None:
+                job.quantize(module, None)
+        job.records.extend(ModuleRecord(n, _shape2(job.checkpoint.infos[f"{n}.weight"].shape))
+                           for n, c in plan.configs.items() if c is None and n.startswith(block))
     for key in outside:
-        copy(key)
-    return records
+        job.copy(key)
 
 
 def _shape2(shape: tuple[int, ...]) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-def _run_algorithm(algorithm: Any, entry: AlgorithmEntry, module: str, W: torch.Tensor, module_config: Any) -> Any:
+def _run_algorithm(algorithm: Any, entry: AlgorithmEntry, module: str, W: torch.Tensor, module_config: Any,
+                   stats: CalibrationStats | None) -> Any:
     try:
-        return algorithm.quantize_weight(W, module_config, None)
-    except LlmquantError:
-        raise
+        return algorithm.quantize_weight(W, module_config, stats)
+    except LlmquantError as exc:
+        if module in str(exc):
+            raise
+        raise LlmquantError(f"{module}: {exc}") from exc
     except Exception as exc:
         raise PluginError(
             f"algorithm {entry.name!r} from plugin {entry.plugin.name!r} ({entry.plugin.distribution}) "

@@ -1,0 +1,253 @@
+"""The sequential calibrated pass: block inputs captured once, then block by block, Hessians
+of each Linear's input are accumulated by hooks, the block is quantized group after group
+(true-sequential), and its outputs on the quantized weights become the next block's inputs.
+
+Peak memory (bytes), with N calibration tokens, hidden size d, activation dtype of b bytes::
+
+    one block's float32 weights                               (the block being quantized)
+  + 2 * N * d * b                                             (block inputs and outputs; spilled past --calib-memory)
+  + sum over Linears being calibrated of 4 * in_features**2   (their Hessians; one group at a time)
+  + the forward's temporaries for one batch                   (calib_batch_size * seqlen tokens)
+  + the skeleton's non-block weights that run before block 0  (the embeddings)
+
+The plugin sees only ``W`` and ``H``; hooks, devices and Hessians belong to the host.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llmquant.algorithm import CalibrationStats
+from llmquant.host.activations import ActivationStore
+from llmquant.host.arch import BlockLayout
+from llmquant.host.checkpoint import Checkpoint
+
+__all__ = ["HessianAccumulator", "SequentialCalibrator", "accumulate_hessian"]
+
+log = logging.getLogger(__name__)
+
+# quantize(name, stats) -> the dequantized weight to run the rest of the calibration with
+QuantizeModule = Callable[[str, CalibrationStats], Tensor]
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early, once what it needed has been seen."""
+
+
+@dataclass
+class HessianAccumulator:
+    """``H = 2/n * sum(x x^T)`` over the n rows of every input seen, kept as a float32 sum."""
+
+    in_features: int
+    device: torch.device
+    total: Tensor = field(init=False)
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        self.total = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=self.device)
+
+    def add(self, x: Tensor) -> None:
+        accumulate_hessian(self.total, x)
+        self.n += x.numel() // x.shape[-1]
+
+    def stats(self) -> CalibrationStats:
+        return CalibrationStats(H=self.total * (2 / max(self.n, 1)), nsamples=self.n)
+
+
+def accumulate_hessian(total: Tensor, x: Tensor) -> None:
+    """Add ``x^T x`` of the rows of ``x: (..., in)`` to ``total: (in, in)`` in float32."""
+    rows = x.reshape(-1, x.shape[-1]).to(total.dtype)
+    total.addmm_(rows.t(), rows)
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder block while inputs are captured: records the call and passes through."""
+
+    def __init__(self, index: int, sink: Callable[[int, Tensor, dict[str, Any]], None], last: bool) -> None:
+        super().__init__()
+        self.index, self.sink, self.last = index, sink, last
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.sink(self.index, hidden, {**kwargs, **({"__args__": args[1:]} if len(args) > 1 else {})})
+        if self.last:
+            raise _Stop
+        return hidden
+
+
+class SequentialCalibrator:
+    """Runs calibration data through the model one block at a time.
+
+    Args:
+        model: the meta-device skeleton (its non-block weights are loaded here).
+        layout: where the blocks are.
+        checkpoint: the source tensors.
+        samples: ``(n, seqlen)`` token ids.
+        batch_size: windows per forward pass.
+        dtype: activation and block compute dtype.
+        device: where blocks run.
+        memory: activation budget in bytes; past it activations spill to `spill_dir`.
+    """
+
+    def __init__(self, model: nn.Module, layout: BlockLayout, checkpoint: Checkpoint, samples: Tensor, *,
+                 batch_size: int, dtype: torch.dtype, device: str, memory: int, spill_dir: Path) -> None:
+        self.model, self.layout, self.checkpoint = model, layout, checkpoint
+        self.dtype, self.device = dtype, torch.device(device)
+        self.batches = list(samples.split(batch_size))
+        self.inputs = ActivationStore(spill_dir, memory // 2, "inputs")
+        self.outputs = ActivationStore(spill_dir, memory // 2, "outputs")
+        self.kwargs: list[list[dict[str, Any]]] = [[] for _ in range(layout.count)]
+        self._groups: dict[tuple[str, ...], list[list[str]]] = {}
+
+    @property
+    def tokens(self) -> int:
+        return sum(b.numel() for b in self.batches)
+
+    def capture_inputs(self) -> None:
+        """Run the model up to the first block once per batch, recording every block's call arguments."""
+        blocks: nn.ModuleList = self.model.get_submodule(self.layout.prefix)  # type: ignore[assignment]
+        originals = list(blocks)
+        loaded = self._load_outside_blocks()
+        batch = 0
+
+        def sink(index: int, hidden: Tensor, kwargs: dict[str, Any]) -> None:
+            if index == 0:
+                self.inputs.put(batch, hidden.to(self.dtype))
+            self.kwargs[index].append(kwargs)
+
+        try:
+            for i in range(len(blocks)):
+                blocks[i] = _Recorder(i, sink, last=i == len(blocks) - 1)
+            with torch.no_grad():
+                for batch, ids in enumerate(self.batches):
+                    try:
+                        self.model(input_ids=ids.to(self.device), use_cache=False)
+                    except _Stop:
+                        pass
+        finally:
+            for i, block in enumerate(originals):
+                blocks[i] = block
+            for name in loaded:
+                _release(self.model, name)
+
+    def _load_outside_blocks(self) -> list[str]:
+        """Load the weights that run before the first block (embeddings), in the activation dtype."""
+        output = self.model.get_output_embeddings()  # type: ignore[operator]
+        inputs = self.model.get_input_embeddings()  # type: ignore[operator]
+        skip = {id(p) for p in output.parameters()} if output is not None else set()
+        skip -= {id(p) for p in inputs.parameters()}  # tied: lm_head is the input embedding
+        prefix = self.layout.prefix + "."
+        state = {}
+        for name, param in self.model.named_parameters():
+            if id(param) in skip or name.startswith(prefix) or name not in self.checkpoint:
+                continue
+            state[name] = self.checkpoint[name].to(self.device, self.dtype)
+        self.model.load_state_dict(state, strict=False, assign=True)
+        return list(state)
+
+    def run_block(self, index: int, quantize: QuantizeModule, targets: set[str]) -> None:
+        """Calibrate and quantize block `index`, then compute its outputs as the next block's inputs.
+
+        Args:
+            quantize: called once per Linear in `targets` (full names) with its input statistics,
+                in true-sequential order; returns the dequantized weight to continue with.
+        """
+        name = self.layout.block_name(index)
+        block = self._materialize(index)
+        linears = {f"{name}.{rel}": m for rel, m in block.named_modules() if isinstance(m, nn.Linear)}
+        for group in self._sequential_groups(index, block, linears):
+            wanted = [n for n in group if n in targets]
+            if wanted:
+                self._calibrate_group(index, block, {n: linears[n] for n in wanted}, group, quantize)
+        with torch.no_grad():
+            for b in range(len(self.batches)):
+                self.outputs.put(b, self._forward(index, block, b))
+        for param_name, _ in list(block.named_parameters()):
+            _release(block, param_name)
+        self.inputs, self.outputs = self.outputs, self.inputs
+
+    def _materialize(self, index: int) -> nn.Module:
+        prefix = self.layout.block_name(index) + "."
+        block = self.model.get_submodule(self.layout.block_name(index))
+        state = {k[len(prefix):]: self.checkpoint[k].to(self.device, self.dtype) for k in self.checkpoint if k.startswith(prefix)}
+        block.load_state_dict(state, strict=False, assign=True)
+        return block.eval()
+
+    def _forward(self, index: int, block: nn.Module, batch: int) -> Tensor:
+        kwargs = dict(self.kwargs[index][batch])
+        args = kwargs.pop("__args__", ())
+        hidden = self.inputs[batch].to(self.device)
+        out = block(hidden, *args, **kwargs)
+        result: Tensor = out[0] if isinstance(out, tuple) else out
+        return result
+
+    def _sequential_groups(self, index: int, block: nn.Module, linears: dict[str, nn.Linear]) -> list[list[str]]:
+        """Group Linears that read the same input tensor, in execution order (q/k/v; o; gate/up; down)."""
+        key = tuple(n.rsplit(".", 1)[-1] for n in linears)
+        relative = {n[len(self.layout.block_name(index)) + 1:]: n for n in linears}
+        if key not in self._groups:
+            seen: list[tuple[str, int]] = []
+            handles = [m.register_forward_pre_hook(lambda m, a, rel=rel: seen.append((rel, a[0].data_ptr())))
+                       for rel, m in ((n[len(self.layout.block_name(index)) + 1:], m) for n, m in linears.items())]
+            try:
+                with torch.no_grad():
+                    self._forward(index, block, 0)
+            finally:
+                for h in handles:
+                    h.remove()
+            groups: list[list[str]] = []
+            last_ptr = None
+            for rel, ptr in seen:
+                if groups and ptr == last_ptr and rel not in groups[-1]:
+                    groups[-1].append(rel)
+                else:
+                    groups.append([rel])
+                last_ptr = ptr
+            self._groups[key] = groups
+            log.debug("sequential groups: %s", groups)
+        return [[relative[rel] for rel in group] for group in self._groups[key]]
+
+    def _calibrate_group(self, index: int, block: nn.Module, modules: dict[str, nn.Linear], group: list[str],
+                         quantize: QuantizeModule) -> None:
+        hessians = {n: HessianAccumulator(m.in_features, self.device) for n, m in modules.items()}
+        last = group[-1]
+
+        def hook(name: str) -> Callable[..., None]:
+            def accumulate(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+                if name in hessians:
+                    hessians[name].add(args[0])
+                if name == last:
+                    raise _Stop  # the rest of the block is not needed for this group
+
+            return accumulate
+
+        linears = {f"{self.layout.block_name(index)}.{rel}": m for rel, m in block.named_modules() if isinstance(m, nn.Linear)}
+        handles = [linears[n].register_forward_pre_hook(hook(n)) for n in group]
+        try:
+            with torch.no_grad():
+                for b in range(len(self.batches)):
+                    try:
+                        self._forward(index, block, b)
+                    except _Stop:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
+        for name, module in modules.items():
+            weight = quantize(name, hessians.pop(name).stats())
+            module.weight.data = weight.to(self.device, self.dtype)
+
+
+def _release(model: nn.Module, name: str) -> None:
+    """Put parameter `name` back on the meta device, freeing its memory (buffers are kept)."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = getattr(module, leaf)
+    setattr(module, leaf, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"), requires_grad=False))
