@@ -89,5 +89,15 @@ def dir_hash(folder: Path) -> dict[str, int]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def calibration_file(folder: Path, documents: int = 120, words: int = 40) -> Path:
+    """Write random word-level text (t3 .. t511) that the tiny tokenizer reads, for calibration."""
+    import random
+
+    rng = random.Random(0)
+    path = folder / "calib.txt"
+    path.write_text("\n".join(" ".join(f"t{rng.randrange(3, 512)}" for _ in range(words)) for _ in range(documents)))
+    return path
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")

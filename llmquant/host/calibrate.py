@@ -16,6 +16,7 @@ The plugin sees only ``W`` and ``H``; hooks, devices and Hessians belong to the 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,20 +156,60 @@ class SequentialCalibrator:
     def run_block(self, index: int, quantize: QuantizeModule, targets: set[str]) -> None:
         """Calibrate and quantize block `index`, then compute its outputs as the next block's inputs.
 
+        One forward pass per batch does it all: each batch runs in its own worker thread, and a
+        hook on the first Linear of every sequential group parks the worker there. Once every
+        batch is parked at a group, the group's Hessian covers all calibration tokens; the group is
+        quantized, its weights swapped for the dequantized ones, and the workers move on to the
+        next group. Workers take turns (one runs at a time), so torch keeps all cores per op.
+        The price is that every batch's in-flight activations are alive at once.
+
         Args:
             quantize: called once per Linear in `targets` (full names) with its input statistics,
                 in true-sequential order; returns the dequantized weight to continue with.
         """
-        name = self.layout.block_name(index)
         block = self._materialize(index)
-        linears = {f"{name}.{rel}": m for rel, m in block.named_modules() if isinstance(m, nn.Linear)}
-        for group in self._sequential_groups(index, block, linears):
-            wanted = [n for n in group if n in targets]
-            if wanted:
-                self._calibrate_group(index, block, {n: linears[n] for n in wanted}, group, quantize)
-        with torch.no_grad():
-            for b in range(len(self.batches)):
-                self.outputs.put(b, self._forward(index, block, b))
+        linears = {f"{self.layout.block_name(index)}.{rel}": m for rel, m in block.named_modules() if isinstance(m, nn.Linear)}
+        groups = self._sequential_groups(index, block, linears)
+        hessians: dict[int, HessianAccumulator] = {}
+        workers = [_Worker(lambda b=b: self._forward(index, block, b), name=f"calib-{b}") for b in range(len(self.batches))]
+
+        def park(group: int) -> Callable[..., None]:
+            def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+                worker = threading.current_thread()
+                if not isinstance(worker, _Worker):
+                    return
+                if worker.next_group != group:
+                    raise RuntimeError(f"{groups[group][0]} ran out of the order seen when probing the block")
+                if group in hessians:
+                    hessians[group].add(args[0])
+                worker.next_group += 1
+                worker.park()
+
+            return hook
+
+        handles = [linears[group[0]].register_forward_pre_hook(park(g)) for g, group in enumerate(groups)]
+        try:
+            for worker in workers:
+                worker.start()
+            for g, group in enumerate(groups):
+                wanted = [n for n in group if n in targets]
+                if wanted:
+                    hessians[g] = HessianAccumulator(linears[group[0]].in_features, self.device)
+                for worker in workers:
+                    worker.step()
+                if wanted:
+                    stats = hessians.pop(g).stats()
+                    for name in wanted:
+                        linears[name].weight.data = quantize(name, stats).to(self.device, self.dtype)
+            for b, worker in enumerate(workers):
+                worker.step()
+                assert worker.result is not None
+                self.outputs.put(b, worker.result)
+        finally:
+            for h in handles:
+                h.remove()
+            for worker in workers:
+                worker.abort()
         for param_name, _ in list(block.named_parameters()):
             _release(block, param_name)
         self.inputs, self.outputs = self.outputs, self.inputs
@@ -214,36 +255,6 @@ class SequentialCalibrator:
             log.debug("sequential groups: %s", groups)
         return [[relative[rel] for rel in group] for group in self._groups[key]]
 
-    def _calibrate_group(self, index: int, block: nn.Module, modules: dict[str, nn.Linear], group: list[str],
-                         quantize: QuantizeModule) -> None:
-        hessians = {n: HessianAccumulator(m.in_features, self.device) for n, m in modules.items()}
-        last = group[-1]
-
-        def hook(name: str) -> Callable[..., None]:
-            def accumulate(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-                if name in hessians:
-                    hessians[name].add(args[0])
-                if name == last:
-                    raise _Stop  # the rest of the block is not needed for this group
-
-            return accumulate
-
-        linears = {f"{self.layout.block_name(index)}.{rel}": m for rel, m in block.named_modules() if isinstance(m, nn.Linear)}
-        handles = [linears[n].register_forward_pre_hook(hook(n)) for n in group]
-        try:
-            with torch.no_grad():
-                for b in range(len(self.batches)):
-                    try:
-                        self._forward(index, block, b)
-                    except _Stop:
-                        pass
-        finally:
-            for h in handles:
-                h.remove()
-        for name, module in modules.items():
-            weight = quantize(name, hessians.pop(name).stats())
-            module.weight.data = weight.to(self.device, self.dtype)
-
 
 def _release(model: nn.Module, name: str) -> None:
     """Put parameter `name` back on the meta device, freeing its memory (buffers are kept)."""
@@ -251,3 +262,57 @@ def _release(model: nn.Module, name: str) -> None:
     module = model.get_submodule(module_name)
     old = getattr(module, leaf)
     setattr(module, leaf, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"), requires_grad=False))
+
+
+class _Worker(threading.Thread):
+    """Runs one batch's forward pass in turns with the main thread (a coroutine on a thread).
+
+    `step()` (main thread) lets the worker run until it parks in a hook or finishes; `park()`
+    (worker thread, inside a hook) hands control back and waits for the next turn.
+    """
+
+    def __init__(self, forward: Callable[[], Tensor], name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.forward = forward
+        self.next_group = 0
+        self.result: Tensor | None = None
+        self.error: BaseException | None = None
+        self._turn = threading.Semaphore(0)
+        self._parked = threading.Semaphore(0)
+        self._aborted = False
+        self._finished = False
+
+    def run(self) -> None:
+        self._turn.acquire()
+        try:
+            if not self._aborted:
+                with torch.no_grad():  # grad mode is per thread
+                    self.result = self.forward()
+        except _Stop:
+            pass
+        except BaseException as exc:  # handed to the main thread by step()
+            self.error = exc
+        finally:
+            self._finished = True
+            self._parked.release()
+
+    def park(self) -> None:
+        self._parked.release()
+        self._turn.acquire()
+        if self._aborted:
+            raise _Stop
+
+    def step(self) -> None:
+        if self._finished:
+            raise RuntimeError(f"{self.name} finished before reaching every sequential group")
+        self._turn.release()
+        self._parked.acquire()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        """Let a parked or unstarted worker end (raising _Stop in its hook)."""
+        if not self._finished and self.is_alive():
+            self._aborted = True
+            self._turn.release()
+            self.join()

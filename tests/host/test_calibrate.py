@@ -3,7 +3,6 @@ earlier block, and every earlier group inside the block, already quantized."""
 
 from __future__ import annotations
 
-import random
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import calibration_file
 from llmquant import hookimpl
 from llmquant.algorithm import CalibrationStats, UniformQuantized
 from llmquant.api import quantize
@@ -55,13 +55,6 @@ def recording(pm: Plugins) -> Plugins:
     SEEN.clear()
     ORDER.clear()
     return pm
-
-
-def calibration_file(folder: Path, documents: int = 120, words: int = 40) -> Path:
-    rng = random.Random(0)
-    path = folder / "calib.txt"
-    path.write_text("\n".join(" ".join(f"t{rng.randrange(3, 512)}" for _ in range(words)) for _ in range(documents)))
-    return path
 
 
 def reference_inputs(source: Path, ids: torch.Tensor, quantized: set[str]) -> dict[str, torch.Tensor]:

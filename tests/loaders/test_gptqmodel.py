@@ -28,6 +28,12 @@ CASES: dict[str, dict[str, Any]] = {
     "w8-g128-sym": {"bits": 8, "group_size": 128, "symmetric": True},
     "w3-g128-sym": {"bits": 3, "group_size": 128, "symmetric": True},
     "w4-ignore-q_proj": {"bits": 4, "group_size": 64, "ignore": [r"self_attn\.q_proj$"]},
+    "gptq-w4": {"algo": "gptq", "bits": 4, "group_size": 64},
+    "gptq-w4-desc-act": {"algo": "gptq", "bits": 4, "group_size": 64, "desc_act": True, "act_group_aware": False},
+    "gptq-w4-static-groups": {"algo": "gptq", "bits": 4, "group_size": 64, "desc_act": True, "static_groups": True,
+                              "act_group_aware": False},
+    "gptq-w4-asym-desc-act": {"algo": "gptq", "bits": 4, "group_size": 32, "symmetric": False, "desc_act": True,
+                              "act_group_aware": False},
 }
 
 
@@ -49,7 +55,16 @@ def test_gptqmodel_logits_match_ours(case: str, skewed_llama: Path, tmp_path: Pa
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / case
-    quantize(skewed_llama, out, CASES[case], plugins=pm)
+    settings = dict(CASES[case])
+    if settings.get("algo") == "gptq":
+        from conftest import calibration_file
+
+        settings.update(calib=str(calibration_file(tmp_path)), calib_samples=16, calib_seqlen=64)
+    quantize(skewed_llama, out, settings, plugins=pm)
+    if settings.get("desc_act") and not settings.get("static_groups"):
+        import json
+
+        assert json.loads((out / "config.json").read_text())["quantization_config"]["desc_act"] is True
     theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16, device_map="cpu")
     assert any("gptqmodel" in type(m).__module__ for m in theirs.modules()), "transformers did not use gptqmodel's kernel"
     if case == "w4-ignore-q_proj":  # the same Linear kept in float in every block: modules_in_block_to_quantize

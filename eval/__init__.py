@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (and, later, throughput and memory) of original and quantized models."""
