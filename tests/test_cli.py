@@ -37,7 +37,7 @@ def test_param_flag_and_per_channel(tiny_llama: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--algo", "nope"], "unknown algorithm 'nope': installed algorithms are rtn"),
+    (["--algo", "nope"], "unknown algorithm 'nope': installed algorithms are gptq, rtn"),
     (["--bits", "5"], "flags: bits: expected one of 2, 3, 4, 8, got 5"),
     (["--group-size", "96"], "not a multiple of group_size 96"),
     (["--format", "exl9"], "unknown format 'exl9': available formats are gptq, gptq_v2"),
@@ -69,3 +69,23 @@ def test_algorithms_lists_rtn(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["algorithms"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("rtn"))
     assert "llmquant" in line and "round-to-nearest" in line
+
+
+def test_gptq_flags(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import calibration_file
+
+    out = tmp_path / "out"
+    calib = calibration_file(tmp_path)
+    code = main(["quantize", str(tiny_llama), "-o", str(out), "--algo", "gptq", "--group-size", "64", "--calib", str(calib),
+                 "--calib-samples", "8", "--calib-seqlen", "32", "--calib-batch-size", "3", "--desc-act",
+                 "--damp-percent", "0.05", "--calib-dtype", "float32", "--seed", "3"])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (config["desc_act"], config["damp_percent"]) == (True, 0.05)
+    recorded = json.loads((out / "llmquant.json").read_text())["config"]
+    assert (recorded["calib_samples"], recorded["seed"], recorded["calib_dtype"]) == (8, 3, "float32")
+
+
+def test_gptq_without_calib_flag_is_one_line(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["quantize", str(tiny_llama), "-o", str(tmp_path / "out"), "--algo", "gptq"]) == 1
+    assert "pass --calib SOURCE" in capsys.readouterr().err

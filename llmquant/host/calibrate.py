@@ -2,14 +2,21 @@
 of each Linear's input are accumulated by hooks, the block is quantized group after group
 (true-sequential), and its outputs on the quantized weights become the next block's inputs.
 
-Peak memory (bytes), with N calibration tokens, hidden size d, activation dtype of b bytes::
+Each block runs one forward pass per batch, all batches interleaved: every batch runs in its
+own worker thread and parks at the first Linear of each sequential group until all batches have
+reached it (see `run_block`), so true-sequential quantization costs one forward, not one per group.
 
-    one block's float32 weights                               (the block being quantized)
-  + 2 * N * d * b                                             (block inputs and outputs; spilled past --calib-memory)
-  + sum over Linears being calibrated of 4 * in_features**2   (their Hessians; one group at a time)
-  + the forward's temporaries for one batch                   (calib_batch_size * seqlen tokens)
-  + the skeleton's non-block weights that run before block 0  (the embeddings)
+Peak memory (bytes), with N calibration tokens, hidden size d, MLP width m, activation dtype of b
+bytes, and i the widest Linear input::
 
+    P  = B                       process baseline (Python, torch, transformers: ~0.55 GB on CPU)
+       + w * b                   the block being calibrated, w parameters, in the activation dtype
+       + 2 * N * d * b           block inputs and outputs (spilled to disk past --calib-memory)
+       + N * (d + 2 * m) * b     the batches' in-flight activations when parked at the MLP's down projection
+       + 3 * 4 * i**2            one Hessian and GPTQ's two factors of it, float32
+       + 4 * 4 * |W|             the float32 weight being quantized and GPTQ's working copies
+
+The embeddings (vocab * d * b) are loaded only while block inputs are captured, before any block.
 The plugin sees only ``W`` and ``H``; hooks, devices and Hessians belong to the host.
 """
 
