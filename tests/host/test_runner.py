@@ -159,3 +159,42 @@ def test_broken_checkpoints_are_named(tiny_model_factory: Callable[..., Path], t
 def test_missing_path_is_named(tmp_path: Path, pm: Plugins) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         quantize(tmp_path / "nope", tmp_path / "out", plugins=pm)
+
+
+def test_a_failing_plugin_is_named_and_nothing_is_written(tiny_llama: Path, tmp_path: Path, pm: Plugins) -> None:
+    import types
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from llmquant import hookimpl
+    from llmquant.algorithm import UniformQuantized
+    from llmquant.errors import PluginError
+    from llmquant.uniform import UniformConfig
+
+    @dataclass(frozen=True, kw_only=True)
+    class Config(UniformConfig):
+        pass
+
+    class Exploding:
+        name: ClassVar[str] = "exploding"
+        description: ClassVar[str] = "raises on the third weight"
+        config_type: ClassVar[type] = Config
+        result_type: ClassVar[type] = UniformQuantized
+        needs_calibration: ClassVar[bool] = False
+        calls = 0
+
+        def quantize_weight(self, W: torch.Tensor, config: Any, stats: Any) -> UniformQuantized:
+            Exploding.calls += 1
+            if Exploding.calls == 3:
+                raise ZeroDivisionError("boom")
+            return minmax_quantize(W, 4, 64, True)
+
+    @hookimpl
+    def llmquant_register_algorithms(register: Any) -> None:
+        register(Exploding)
+
+    pm.register(types.SimpleNamespace(llmquant_register_algorithms=llmquant_register_algorithms), "boom-plugin", "boom-dist")
+    with pytest.raises(PluginError, match=r"algorithm 'exploding' from plugin 'boom-plugin' \(boom-dist\) failed on "
+                                          r"model\.layers\.0\.mlp\.up_proj \(256, 128\): ZeroDivisionError: boom"):
+        quantize(tiny_llama, tmp_path / "out", {"algo": "exploding", "group_size": 64}, plugins=pm)
+    assert not (tmp_path / "out").exists()
