@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--ignore", action="append", metavar="REGEX", help="keep Linears whose name matches in float (repeatable)")
     q.add_argument("--dtype", help="dtype of unquantized tensors: auto (keep), float16, bfloat16, float32")
     q.add_argument("--max-shard-size", help="largest output safetensors file, e.g. 2GB (default 2GB)")
-    q.add_argument("--device", help="where to quantize: cpu (default), cuda, cuda:N")
+    q.add_argument("--device", help="where to quantize: auto (default: CUDA when present, else CPU), cpu, cuda, cuda:N")
     q.add_argument("--param", action="append", metavar="KEY=VALUE", default=[],
                    help="any algorithm setting, VALUE in TOML syntax (repeatable), e.g. --param damp_percent=0.05")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

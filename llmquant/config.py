@@ -56,7 +56,8 @@ class QuantizeConfig:
         dtype: dtype of tensors copied unquantized (embeddings, norms, lm_head, biases);
             "auto" keeps each tensor's own dtype.
         max_shard_size: cap on one output safetensors file, e.g. "2GB".
-        device: where weights are quantized ("cpu", "cuda", "cuda:1").
+        device: where blocks run and weights are quantized: "auto" (CUDA when present, else CPU),
+            "cpu", "cuda", "cuda:1".
         params: the algorithm's own fields, validated by its `config_type`.
     """
 
@@ -66,7 +67,7 @@ class QuantizeConfig:
     overrides: tuple[Override, ...] = ()
     dtype: str = "auto"
     max_shard_size: str = "2GB"
-    device: str = "cpu"
+    device: str = "auto"
     params: Mapping[str, Any] = field(default_factory=dict)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 

@@ -89,3 +89,10 @@ def test_gptq_flags(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixt
 def test_gptq_without_calib_flag_is_one_line(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["quantize", str(tiny_llama), "-o", str(tmp_path / "out"), "--algo", "gptq"]) == 1
     assert "pass --calib SOURCE" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("device,message", [("cuda", "CUDA is not available here"), ("gpu7", "is not a device")], ids=["cuda", "bogus"])
+def test_unavailable_device_is_one_line(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], device: str, message: str) -> None:
+    assert main(["quantize", str(tiny_llama), "-o", str(tmp_path / "out"), "--device", device, "--group-size", "64"]) == 1
+    assert message in capsys.readouterr().err

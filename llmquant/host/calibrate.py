@@ -22,6 +22,8 @@ The plugin sees only ``W`` and ``H``; hooks, devices and Hessians belong to the 
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -69,10 +71,23 @@ class HessianAccumulator:
         return CalibrationStats(H=self.total * (2 / max(self.n, 1)), nsamples=self.n)
 
 
-def accumulate_hessian(total: Tensor, x: Tensor) -> None:
-    """Add ``x^T x`` of the rows of ``x: (..., in)`` to ``total: (in, in)`` in float32."""
+def accumulate_hessian(total: Tensor, x: Tensor, tile: int = 512) -> None:
+    """Add ``x^T x`` of the rows of ``x: (..., in)`` to ``total: (in, in)`` in float32.
+
+    ``x^T x`` is symmetric: only the tiles on and above the diagonal are multiplied and the
+    ones below are mirrored, which saves up to half the flops for wide inputs.
+    """
     rows = x.reshape(-1, x.shape[-1]).to(total.dtype)
-    total.addmm_(rows.t(), rows)
+    n = rows.shape[1]
+    if n <= tile:
+        total.addmm_(rows.t(), rows)
+        return
+    starts = list(range(0, n, tile))
+    for i in starts:
+        left = rows[:, i:i + tile]
+        block = left.t() @ rows[:, i:]
+        total[i:i + tile, i:] += block
+        total[i + tile:, i:i + tile] += block[:, tile:].t()
 
 
 class _Recorder(nn.Module):
@@ -113,6 +128,7 @@ class SequentialCalibrator:
         self.outputs = ActivationStore(spill_dir, memory // 2, "outputs")
         self.kwargs: list[list[dict[str, Any]]] = [[] for _ in range(layout.count)]
         self._groups: dict[tuple[str, ...], list[list[str]]] = {}
+        _share_malloc_arena()
 
     @property
     def tokens(self) -> int:
@@ -220,6 +236,7 @@ class SequentialCalibrator:
         for param_name, _ in list(block.named_parameters()):
             _release(block, param_name)
         self.inputs, self.outputs = self.outputs, self.inputs
+        _return_freed_memory()
 
     def _materialize(self, index: int) -> nn.Module:
         prefix = self.layout.block_name(index) + "."
@@ -261,6 +278,32 @@ class SequentialCalibrator:
             self._groups[key] = groups
             log.debug("sequential groups: %s", groups)
         return [[relative[rel] for rel in group] for group in self._groups[key]]
+
+
+def _share_malloc_arena() -> None:
+    """Make new threads allocate from the main malloc arena (glibc's M_ARENA_MAX = 1).
+
+    The worker threads take turns, so they gain nothing from arenas of their own, and every extra
+    arena holds freed pages that raise resident memory.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _return_freed_memory() -> None:
+    """Collect reference cycles, then ask glibc to give freed heap pages back to the OS.
+
+    Worker threads and early-stopped forward passes leave reference cycles (frames holding
+    activations) that Python's collector would free only later, and glibc keeps freed pages
+    mapped; without this, resident memory creeps up over the first blocks.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _release(model: nn.Module, name: str) -> None:

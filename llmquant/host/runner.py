@@ -101,6 +101,7 @@ def quantize_checkpoint(
     entry = plugins.algorithm(config.algo)
     fmt = get_format(config.format, entry.cls.result_type, config.algo)
     calibration = config.calibration
+    config = dataclasses.replace(config, device=resolve_device(config.device))
     if entry.cls.needs_calibration and calibration.calib is None:
         raise LlmquantError(
             f"algorithm {config.algo!r} needs calibration data: pass --calib SOURCE (a .txt/.json/.jsonl/.parquet file, "
@@ -128,6 +129,19 @@ def quantize_checkpoint(
     report = QuantizeReport(output, job.records, checkpoint.total_bytes, folder.size(), time.perf_counter() - start)
     log.info("quantized %d Linears into %s in %.1f s", report.quantized, output, report.seconds)
     return report
+
+
+def resolve_device(name: str) -> str:
+    """Return the torch device for a --device value; "auto" is CUDA when present, else CPU."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise LlmquantError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LlmquantError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return name
 
 
 def _calibration_samples(source: Path, calibration: CalibrationConfig) -> torch.Tensor:

@@ -138,3 +138,15 @@ def test_gptq_end_to_end_beats_rtn_on_logits(tiny_llama: Path, tmp_path: Path, p
         ref = original(ids).logits
         err = {k: (load_quantized(tmp_path / k)(ids).logits - ref).pow(2).mean().item() for k in ("rtn", "gptq")}
     assert err["gptq"] < err["rtn"], err
+
+
+@pytest.mark.parametrize("width", [100, 512, 1300], ids=lambda w: f"in{w}")
+def test_tiled_hessian_equals_the_full_product(width: int) -> None:
+    from llmquant.host.calibrate import accumulate_hessian
+
+    x = torch.randn(3, 50, width, dtype=torch.float64).to(torch.bfloat16)
+    total = torch.zeros(width, width)
+    accumulate_hessian(total, x, tile=256)
+    accumulate_hessian(total, x, tile=256)
+    rows = x.reshape(-1, width).double()
+    torch.testing.assert_close(total.double(), 2 * rows.t() @ rows, rtol=1e-5, atol=1e-4)

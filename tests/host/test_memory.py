@@ -12,28 +12,35 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import save_tiny_model
+import pytest
+
+from conftest import calibration_file, save_tiny_model
 
 LAYER_BYTES = (4 * 512 * 512 - 2 * 512 * 256 + 3 * 512 * 1536) * 4  # one block's float32 weights, ~12.6 MB
 
 PROBE = """
 import json, resource, sys
 from llmquant.api import quantize
-quantize(sys.argv[1], sys.argv[2], {"bits": 4, "group_size": 128})
+quantize(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
 print(json.dumps({"peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
 
-def peak_rss_mb(source: Path, out: Path) -> float:
-    done = subprocess.run([sys.executable, "-c", PROBE, str(source), str(out)], capture_output=True, text=True, check=True)
+def peak_rss_mb(source: Path, out: Path, settings: dict[str, object]) -> float:
+    done = subprocess.run([sys.executable, "-c", PROBE, str(source), str(out), json.dumps(settings)],
+                          capture_output=True, text=True, check=True)
     return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_kb"]) / 1024
 
 
-def test_peak_rss_does_not_grow_with_depth(tmp_path: Path) -> None:
+@pytest.mark.parametrize("algo", ["rtn", "gptq"])
+def test_peak_rss_does_not_grow_with_depth(tmp_path: Path, algo: str) -> None:
+    settings: dict[str, object] = {"algo": algo, "bits": 4, "group_size": 128}
+    if algo == "gptq":
+        settings.update(calib=str(calibration_file(tmp_path)), calib_samples=16, calib_seqlen=64)
     shallow = save_tiny_model(tmp_path / "l2", layers=2, hidden=512, intermediate=1536, vocab=512)
     deep = save_tiny_model(tmp_path / "l16", layers=16, hidden=512, intermediate=1536, vocab=512)
-    peak_shallow = peak_rss_mb(shallow, tmp_path / "o2")
-    peak_deep = peak_rss_mb(deep, tmp_path / "o16")
+    peak_shallow = peak_rss_mb(shallow, tmp_path / "o2", settings)
+    peak_deep = peak_rss_mb(deep, tmp_path / "o16", settings)
     whole_model_extra_mb = 14 * LAYER_BYTES / 2**20
     print(f"peak RSS: 2 layers {peak_shallow:.0f} MB, 16 layers {peak_deep:.0f} MB (whole-model load would add {whole_model_extra_mb:.0f} MB)")
     assert peak_deep - peak_shallow < 3 * LAYER_BYTES / 2**20, (peak_shallow, peak_deep)
