@@ -66,7 +66,9 @@ def quantize_row(args: argparse.Namespace) -> None:
         model.quantize([{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples])
         model.save(args.out)
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    timing = json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    Path(f"{args.out}.timing.json").write_text(timing)
+    print(timing)
 
 
 def evaluate(path: Path, quantized: bool, token_ids: Any, args: argparse.Namespace) -> float:
@@ -78,6 +80,23 @@ def evaluate(path: Path, quantized: bool, token_ids: Any, args: argparse.Namespa
 
     model = load_quantized(path, dtype=torch.float32) if quantized else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return perplexity(model.eval(), token_ids, args.ppl_seqlen, args.ppl_windows, progress=True).perplexity
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Render the rows as the README's table, times also as ratios to GPTQModel's at the same bits."""
+    lines = ["| row | perplexity | quantize s | vs GPTQModel | peak RSS MB | disk MB |", "|---|---|---|---|---|---|"]
+    rows = results["rows"]
+    for name, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {name} | failed: {row['error']} | | | | |")
+            continue
+        bits = name.rsplit("-w", 1)[-1][:1] if "-w" in name else None
+        peer = rows.get(f"gptqmodel-w{bits}", {}).get("seconds")
+        ratio = f"{row['seconds'] / peer:.2f}x" if peer and "seconds" in row else "-"
+        cells = [f"{row['perplexity']:.2f}", f"{row['seconds']:.0f}" if "seconds" in row else "-", ratio,
+                 f"{row['peak_rss_mb']:.0f}" if "peak_rss_mb" in row else "-", f"{row['disk_mb']:.0f}" if "disk_mb" in row else "-"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -134,7 +153,17 @@ def main() -> None:
             entry: dict[str, Any] = {"perplexity": evaluate(model, False, token_ids, args)}
         else:
             out = work / row
+            timing = Path(f"{out}.timing.json")
+            if timing.exists() and out.exists() and not args.redo:  # quantized earlier, not yet scored
+                entry = json.loads(timing.read_text())
+                entry["disk_mb"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
+                entry["perplexity"] = evaluate(out, True, token_ids, args)
+                results["rows"][row] = entry
+                print(f"{row}: {entry}", flush=True)
+                results_path.write_text(json.dumps(results, indent=2) + "\n")
+                continue
             shutil.rmtree(out, ignore_errors=True)
+            timing.unlink(missing_ok=True)
             command = [sys.executable, __file__, "--row", row, "--out", str(out), "--samples-file", str(work / "samples.pt"),
                        "--model", str(model), "--group-size", str(args.group_size), "--calib-samples", str(args.calib_samples),
                        "--calib-seqlen", str(args.calib_seqlen), "--threads", str(args.threads)]
@@ -149,6 +178,7 @@ def main() -> None:
         results["rows"][row] = entry
         print(f"{row}: {entry}", flush=True)
         results_path.write_text(json.dumps(results, indent=2) + "\n")
+        results_path.with_suffix(".md").write_text(markdown_table(results))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="wrap each document as a user turn with the tokenizer's chat template (instruct models)")
     c.add_argument("--calib-batch-size", type=int, help="windows per forward pass (default 8)")
     c.add_argument("--calib-dtype", help="activation dtype while calibrating: bfloat16 (default), float16, float32")
-    c.add_argument("--calib-memory", help="memory for stored activations before they spill to disk (default 4GB)")
+    c.add_argument("--calib-memory", help="memory for calibration activations (default 1GB): past it they spill to disk, "
+                   "and the fast single-pass mode needs its activations to fit")
+    c.add_argument("--calib-mode", choices=["auto", "single-pass", "replay"],
+                   help="single-pass: one forward per block, all batches in flight (fastest); replay: one pass per "
+                   "sequential group, one batch in flight; auto (default): single-pass when it fits --calib-memory")
     c.add_argument("--seed", type=int, help="seed for the order of calibration documents (default 0)")
     g = q.add_argument_group("gptq")
     g.add_argument("--damp-percent", type=float, help="Hessian dampening as a fraction of its mean diagonal (default 0.01)")
@@ -86,7 +90,7 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         "device": args.device, "ignore": args.ignore,
         **{k: getattr(args, k) for k in (
             "calib", "calib_samples", "calib_seqlen", "calib_split", "calib_column", "calib_config", "calib_chat_template",
-            "calib_batch_size", "calib_dtype", "calib_memory", "seed", "damp_percent", "desc_act", "static_groups",
+            "calib_batch_size", "calib_dtype", "calib_memory", "calib_mode", "seed", "damp_percent", "desc_act", "static_groups",
             "act_group_aware", "mse")},
     }
     settings.update({k: v for k, v in flags.items() if v is not None})

@@ -102,7 +102,8 @@ def _inverse_cholesky(H: Tensor, damp_percent: float, name: str) -> Tensor:
             Hinv = torch.cholesky_inverse(L)
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info == 0:
-                return U
+                upper: Tensor = U
+                return upper
         if damp >= 1.0:
             raise LlmquantError(
                 f"GPTQ failed on {name}: the Hessian is not positive definite even with damp_percent=1.0; "

@@ -23,6 +23,7 @@ The plugin sees only ``W`` and ``H``; hooks, devices and Hessians belong to the 
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import logging
 import threading
@@ -45,6 +46,11 @@ log = logging.getLogger(__name__)
 
 # quantize(name, stats) -> the dequantized weight to run the rest of the calibration with
 QuantizeModule = Callable[[str, CalibrationStats], Tensor]
+
+
+# Hidden-width values per token that a Llama-style block keeps alive while parked at a group
+# (residual, normed input, q/k/v and their expanded copies, attention output), measured on SmolLM2.
+IN_FLIGHT_WIDTHS = 16
 
 
 class _Stop(Exception):
@@ -98,7 +104,7 @@ class _Recorder(nn.Module):
         self.index, self.sink, self.last = index, sink, last
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
+        hidden: Tensor = args[0] if args else kwargs.pop("hidden_states")
         self.sink(self.index, hidden, {**kwargs, **({"__args__": args[1:]} if len(args) > 1 else {})})
         if self.last:
             raise _Stop
@@ -120,14 +126,16 @@ class SequentialCalibrator:
     """
 
     def __init__(self, model: nn.Module, layout: BlockLayout, checkpoint: Checkpoint, samples: Tensor, *,
-                 batch_size: int, dtype: torch.dtype, device: str, memory: int, spill_dir: Path) -> None:
+                 batch_size: int, dtype: torch.dtype, device: str, memory: int, spill_dir: Path, mode: str = "auto") -> None:
         self.model, self.layout, self.checkpoint = model, layout, checkpoint
         self.dtype, self.device = dtype, torch.device(device)
-        self.batches = list(samples.split(batch_size))
+        self.batches = list(torch.split(samples, batch_size))
         self.inputs = ActivationStore(spill_dir, memory // 2, "inputs")
         self.outputs = ActivationStore(spill_dir, memory // 2, "outputs")
         self.kwargs: list[list[dict[str, Any]]] = [[] for _ in range(layout.count)]
         self._groups: dict[tuple[str, ...], list[list[str]]] = {}
+        self.memory, self.mode = memory, mode
+        self.single_pass = mode == "single-pass"
         _share_malloc_arena()
 
     @property
@@ -160,6 +168,12 @@ class SequentialCalibrator:
                 blocks[i] = block
             for name in loaded:
                 _release(self.model, name)
+        if self.mode == "auto":
+            hidden = self.inputs[0].shape[-1]
+            needed = self.tokens * hidden * self.dtype.itemsize * (2 + IN_FLIGHT_WIDTHS)
+            self.single_pass = needed <= self.memory
+            log.info("calibration: %s (activations of the single pass need about %.2f GB; --calib-memory is %.2f GB)",
+                     "single pass" if self.single_pass else "replay per group", needed / 1e9, self.memory / 1e9)
 
     def _load_outside_blocks(self) -> list[str]:
         """Load the weights that run before the first block (embeddings), in the activation dtype."""
@@ -179,13 +193,6 @@ class SequentialCalibrator:
     def run_block(self, index: int, quantize: QuantizeModule, targets: set[str]) -> None:
         """Calibrate and quantize block `index`, then compute its outputs as the next block's inputs.
 
-        One forward pass per batch does it all: each batch runs in its own worker thread, and a
-        hook on the first Linear of every sequential group parks the worker there. Once every
-        batch is parked at a group, the group's Hessian covers all calibration tokens; the group is
-        quantized, its weights swapped for the dequantized ones, and the workers move on to the
-        next group. Workers take turns (one runs at a time), so torch keeps all cores per op.
-        The price is that every batch's in-flight activations are alive at once.
-
         Args:
             quantize: called once per Linear in `targets` (full names) with its input statistics,
                 in true-sequential order; returns the dequantized weight to continue with.
@@ -193,8 +200,55 @@ class SequentialCalibrator:
         block = self._materialize(index)
         linears = {f"{self.layout.block_name(index)}.{rel}": m for rel, m in block.named_modules() if isinstance(m, nn.Linear)}
         groups = self._sequential_groups(index, block, linears)
+        if self.single_pass:
+            self._single_pass(index, block, linears, groups, quantize, targets)
+        else:
+            self._replay(index, block, linears, groups, quantize, targets)
+        for param_name, _ in list(block.named_parameters()):
+            _release(block, param_name)
+        self.inputs, self.outputs = self.outputs, self.inputs
+        _return_freed_memory()
+
+    def _replay(self, index: int, block: nn.Module, linears: dict[str, nn.Linear], groups: list[list[str]],
+                quantize: QuantizeModule, targets: set[str]) -> None:
+        """One pass over the batches per sequential group, each stopped at the group's input, then
+        one full pass for the outputs: more compute, but only one batch's activations alive."""
+        with torch.no_grad():
+            for group in groups:
+                wanted = [n for n in group if n in targets]
+                if not wanted:
+                    continue
+                hessian = HessianAccumulator(linears[group[0]].in_features, self.device)
+
+                def stop_at_input(module: nn.Module, args: tuple[Tensor, ...], hessian: HessianAccumulator = hessian) -> None:
+                    hessian.add(args[0])
+                    raise _Stop  # the rest of the block is not needed for this group
+
+                handle = linears[group[0]].register_forward_pre_hook(stop_at_input)
+                try:
+                    for b in range(len(self.batches)):
+                        try:
+                            self._forward(index, block, b)
+                        except _Stop:
+                            pass
+                finally:
+                    handle.remove()
+                stats = hessian.stats()
+                for name in wanted:
+                    linears[name].weight.data = quantize(name, stats).to(self.device, self.dtype)
+            for b in range(len(self.batches)):
+                self.outputs.put(b, self._forward(index, block, b))
+
+    def _single_pass(self, index: int, block: nn.Module, linears: dict[str, nn.Linear], groups: list[list[str]],
+                     quantize: QuantizeModule, targets: set[str]) -> None:
+        """One forward pass per batch does it all: each batch runs in its own worker thread, and a
+        hook on the first Linear of every sequential group parks the worker there. Once every
+        batch is parked at a group, the group's Hessian covers all calibration tokens; the group is
+        quantized, its weights swapped for the dequantized ones, and the workers move on to the
+        next group. Workers take turns (one runs at a time), so torch keeps all cores per op.
+        The price is that every batch's in-flight activations are alive at once."""
         hessians: dict[int, HessianAccumulator] = {}
-        workers = [_Worker(lambda b=b: self._forward(index, block, b), name=f"calib-{b}") for b in range(len(self.batches))]
+        workers = [_Worker(functools.partial(self._forward, index, block, b), name=f"calib-{b}") for b in range(len(self.batches))]
 
         def park(group: int) -> Callable[..., None]:
             def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
@@ -233,10 +287,6 @@ class SequentialCalibrator:
                 h.remove()
             for worker in workers:
                 worker.abort()
-        for param_name, _ in list(block.named_parameters()):
-            _release(block, param_name)
-        self.inputs, self.outputs = self.outputs, self.inputs
-        _return_freed_memory()
 
     def _materialize(self, index: int) -> nn.Module:
         prefix = self.layout.block_name(index) + "."

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _DTYPES = ("float16", "bfloat16", "float32")
+_MODES = ("auto", "single-pass", "replay")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,7 +45,11 @@ class CalibrationConfig:
         calib_chat_template: wrap each document as a user turn with the tokenizer's chat template.
         calib_batch_size: windows per forward pass.
         calib_dtype: dtype activations are stored and blocks run in while calibrating.
-        calib_memory: budget for stored activations, e.g. "4GB"; beyond it they spill to disk.
+        calib_memory: budget for calibration activations, e.g. "1GB": block inputs and outputs spill
+            to disk past it, and the single-pass mode is used only when it fits (see `calib_mode`).
+        calib_mode: "auto" (single-pass when its activations fit in `calib_memory`, else replay),
+            "single-pass" (one forward per block, all batches in flight: fastest) or "replay" (one
+            pass per sequential group: about twice the forward compute, one batch in flight).
         seed: seed for document order.
     """
 
@@ -57,7 +62,8 @@ class CalibrationConfig:
     calib_chat_template: bool = False
     calib_batch_size: int = 8
     calib_dtype: str = "bfloat16"
-    calib_memory: str = "4GB"
+    calib_memory: str = "1GB"
+    calib_mode: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -68,6 +74,8 @@ class CalibrationConfig:
             parse_size(self.calib_memory)
         except ValueError as exc:
             raise ConfigError("calib_memory", self.calib_memory, "a size such as 4GB or 500MiB") from exc
+        if self.calib_mode not in _MODES:
+            raise ConfigError("calib_mode", self.calib_mode, f"one of {', '.join(_MODES)}")
         if self.calib_dtype not in _DTYPES:
             raise ConfigError("calib_dtype", self.calib_dtype, f"one of {', '.join(_DTYPES)}")
 
@@ -104,11 +112,15 @@ def _load_dataset(config: CalibrationConfig, path: Path) -> Any:
 
     if path.exists():
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS)
+        if path.is_dir():
+            skipped = sorted(p.name for p in path.rglob("*") if p.is_file() and p.suffix not in _BUILDERS)
+            if skipped:
+                log.warning("calibration folder %s: ignoring files that are not .txt/.json/.jsonl/.parquet: %s", path, skipped[:10])
         kinds = {_BUILDERS.get(p.suffix) for p in files}
         if not files or None in kinds or len(kinds) > 1:
             raise LlmquantError(
                 f"calibration source {path}: expected .txt, .json, .jsonl or .parquet files of one kind, found "
-                f"{sorted({p.suffix for p in files}) or 'none'}"
+                f"{sorted({p.suffix for p in files}) or 'none'}; split them into folders of one kind"
             )
         return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
     try:

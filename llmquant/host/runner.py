@@ -79,7 +79,7 @@ class _Job:
     def quantize(self, module: str, stats: CalibrationStats | None) -> QuantResult:
         """Quantize one Linear from the source checkpoint and write its tensors."""
         W = self.checkpoint[f"{module}.weight"].to(self.config.device)
-        result = _run_algorithm(self.algorithm, self.entry, module, W, self.plan.configs[module], stats)
+        result: QuantResult = _run_algorithm(self.algorithm, self.entry, module, W, self.plan.configs[module], stats)
         self.writer.add_all(module, self.fmt.tensors(result))
         bits, group_size, symmetric = (getattr(result, k, None) for k in ("bits", "group_size", "symmetric"))
         self.records.append(ModuleRecord(module, _shape2(tuple(W.shape)), bits, group_size, symmetric))
@@ -121,7 +121,7 @@ def quantize_checkpoint(
             calibrator = SequentialCalibrator(
                 skeleton, layout, checkpoint, samples, batch_size=calibration.calib_batch_size,
                 dtype=calibration.torch_dtype, device=config.device, memory=parse_size(calibration.calib_memory),
-                spill_dir=Path(spill))
+                spill_dir=Path(spill), mode=calibration.calib_mode)
             calibrator.capture_inputs()
         _write_blocks(job, calibrator)
         writer.close()

@@ -71,10 +71,11 @@ def reference_inputs(source: Path, ids: torch.Tensor, quantized: set[str]) -> di
     return captured
 
 
-def test_hessians_see_quantized_predecessors(tiny_llama: Path, tmp_path: Path, recording: Plugins) -> None:
+@pytest.mark.parametrize("mode", ["single-pass", "replay"])
+def test_hessians_see_quantized_predecessors(tiny_llama: Path, tmp_path: Path, recording: Plugins, mode: str) -> None:
     calib = calibration_file(tmp_path)
     settings = {"algo": "recording-rtn", "group_size": 64, "calib": str(calib), "calib_samples": 8, "calib_seqlen": 32,
-                "calib_batch_size": 3, "calib_dtype": "float32"}
+                "calib_batch_size": 3, "calib_dtype": "float32", "calib_mode": mode}
     quantize(tiny_llama, tmp_path / "out", settings, plugins=recording)
     names = [f"model.layers.{b}.{rel}" for b in range(2) for rel in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
@@ -97,6 +98,20 @@ def test_hessians_see_quantized_predecessors(tiny_llama: Path, tmp_path: Path, r
         expected = 2 * X.t() @ X / X.shape[0]
         assert stats[name].nsamples == 8 * 32
         torch.testing.assert_close(stats[name].H, expected, rtol=2e-3, atol=2e-4, msg=name)
+
+
+def test_auto_mode_follows_the_memory_budget(tiny_llama: Path, tmp_path: Path, recording: Plugins,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="llmquant.host.calibrate")
+    calib = calibration_file(tmp_path)
+    base = {"algo": "recording-rtn", "group_size": 64, "calib": str(calib), "calib_samples": 8, "calib_seqlen": 32}
+    quantize(tiny_llama, tmp_path / "big", {**base, "calib_memory": "1GB"}, plugins=recording)
+    assert "calibration: single pass" in caplog.text
+    caplog.clear()
+    quantize(tiny_llama, tmp_path / "small", {**base, "calib_memory": "100KB"}, plugins=recording)
+    assert "calibration: replay per group" in caplog.text
 
 
 def test_activations_spill_to_disk_with_the_same_result(tiny_llama: Path, tmp_path: Path, recording: Plugins) -> None:
