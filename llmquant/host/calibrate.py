@@ -2,17 +2,20 @@
 of each Linear's input are accumulated by hooks, the block is quantized group after group
 (true-sequential), and its outputs on the quantized weights become the next block's inputs.
 
-Each block runs one forward pass per batch, all batches interleaved: every batch runs in its
-own worker thread and parks at the first Linear of each sequential group until all batches have
-reached it (see `run_block`), so true-sequential quantization costs one forward, not one per group.
+A block is calibrated in one of two modes (`SequentialCalibrator.run_block`): *replay* runs the
+batches once per sequential group, stopping each at the group's input, then once more for the
+outputs; *single-pass* runs each batch once, in a worker thread that parks at every group until
+all batches have reached it. Single-pass does half the forward compute; replay keeps one batch's
+activations alive instead of all of them.
 
-Peak memory (bytes), with N calibration tokens, hidden size d, MLP width m, activation dtype of b
-bytes, and i the widest Linear input::
+Peak memory (bytes), with N calibration tokens, hidden size d, activation dtype of b bytes,
+and i the widest Linear input::
 
     P  = B                       process baseline (Python, torch, transformers: ~0.55 GB on CPU)
        + w * b                   the block being calibrated, w parameters, in the activation dtype
        + 2 * N * d * b           block inputs and outputs (spilled to disk past --calib-memory)
-       + N * (d + 2 * m) * b     the batches' in-flight activations when parked at the MLP's down projection
+       + 16 * N * d * b          single-pass only: every batch's in-flight activations, parked
+                                 (IN_FLIGHT_WIDTHS, measured on a Llama block); replay: one batch's
        + 3 * 4 * i**2            one Hessian and GPTQ's two factors of it, float32
        + 4 * 4 * |W|             the float32 weight being quantized and GPTQ's working copies
 

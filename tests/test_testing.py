@@ -1,0 +1,47 @@
+"""The conformance suite passes the built-ins and catches a broken plugin."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from llmquant.algorithm import UniformQuantized
+from llmquant.testing import CHECKS, check_bad_config_and_shape, check_determinism_and_input_untouched
+from llmquant.uniform import minmax_quantize
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("module,cls", [("rtn", "RTN"), ("gptq", "GPTQ")])
+def test_builtins_conform(check: Any, module: str, cls: str, tmp_path: Path) -> None:
+    check(getattr(importlib.import_module(f"llmquant_plugins.{module}"), cls), tmp_path)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Loose:
+    bits: int = 4
+    group_size: int = 64
+
+
+class Sloppy:
+    name: ClassVar[str] = "sloppy"
+    description: ClassVar[str] = "modifies its input, validates nothing"
+    config_type: ClassVar[type] = _Loose
+    result_type: ClassVar[type] = UniformQuantized
+    needs_calibration: ClassVar[bool] = False
+
+    def quantize_weight(self, W: torch.Tensor, config: Any, stats: Any) -> UniformQuantized:
+        W.add_(torch.rand_like(W) * 1e-3)
+        return minmax_quantize(W, 4, 64, True)
+
+
+def test_a_sloppy_plugin_fails_with_clear_messages(tmp_path: Path) -> None:
+    with pytest.raises(AssertionError, match="sloppy modified the weight it was given"):
+        check_determinism_and_input_untouched(Sloppy, tmp_path)
+    with pytest.raises(AssertionError, match=r"sloppy: bits=5 was accepted; raise ConfigError"):
+        check_bad_config_and_shape(Sloppy, tmp_path)
+
