@@ -1,6 +1,6 @@
 """Peak memory is bounded by one decoder block, not by depth.
 
-Each quantization runs in a fresh subprocess that reports its own peak RSS (ru_maxrss). A
+Each quantization runs in a fresh subprocess that reports its own peak RSS (VmHWM). A
 16-layer model carries about 190 MB more float32 weights than the same model with 2 layers;
 a host that loaded the whole model would show that difference, one that streams blocks does not.
 """
@@ -18,11 +18,13 @@ from conftest import calibration_file, save_tiny_model
 
 LAYER_BYTES = (4 * 512 * 512 - 2 * 512 * 256 + 3 * 512 * 1536) * 4  # one block's float32 weights, ~12.6 MB
 
+# VmHWM, the process's own peak: ru_maxrss survives exec, so a child would report pytest's peak.
 PROBE = """
-import json, resource, sys
+import json, sys
 from llmquant.api import quantize
 quantize(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
-print(json.dumps({"peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"peak_kb": peak}))
 """
 
 
