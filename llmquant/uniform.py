@@ -111,12 +111,17 @@ def minmax_params(xmin: Tensor, xmax: Tensor, bits: int, symmetric: bool) -> tup
 
 
 def to_stored_precision(scale: Tensor) -> Tensor:
-    """Round scales to float16, the precision every target format stores them in.
+    """Round scales up to float16, the precision every target format stores them in.
 
     Codes are computed against the rounded scale, so they are the best codes for the scale
-    that loaders will actually read.
+    that loaders will actually read. Rounding up, never down, keeps the grid covering the
+    group's range: for tiny groups, whose scales fall among float16's subnormals, rounding to
+    nearest could shrink the step enough to clip the extremes.
     """
-    return scale.to(torch.float16).float()
+    stored = scale.to(torch.float16)
+    below = stored.float() < scale
+    stored = torch.where(below, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
+    return stored.float()
 
 
 def quantize_to_codes(W: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
