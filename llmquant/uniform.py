@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+_FLOAT16_SMALLEST_NORMAL = 2.0**-14
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,16 +112,17 @@ def minmax_params(xmin: Tensor, xmax: Tensor, bits: int, symmetric: bool) -> tup
 
 
 def to_stored_precision(scale: Tensor) -> Tensor:
-    """Round scales up to float16, the precision every target format stores them in.
+    """Round scales to float16, the precision every target format stores them in.
 
     Codes are computed against the rounded scale, so they are the best codes for the scale
-    that loaders will actually read. Rounding up, never down, keeps the grid covering the
-    group's range: for tiny groups, whose scales fall among float16's subnormals, rounding to
-    nearest could shrink the step enough to clip the extremes.
+    that loaders will actually read. Normal float16 values round to nearest (at most 2**-12
+    relative, under half a step even at the ends of an 8-bit grid); scales of tiny groups, which
+    fall among float16's subnormals where rounding to nearest could shrink the step enough to
+    clip the group's extremes, round up instead.
     """
     stored = scale.to(torch.float16)
-    below = stored.float() < scale
-    stored = torch.where(below, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
+    shrunk = (stored.float() < scale) & (scale < _FLOAT16_SMALLEST_NORMAL)
+    stored = torch.where(shrunk, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
     return stored.float()
 
 
