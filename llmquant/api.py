@@ -21,6 +21,7 @@ def quantize(
     *,
     plugins: Plugins | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     where: str = "settings",
 ) -> QuantizeReport:
     """Quantize `model` into the folder `output`.
@@ -31,6 +32,8 @@ def quantize(
         settings: flat config keys (``algo``, ``format``, ``bits``, ``group_size``, ...), as in
             a TOML file from ``configs/``.
         plugins: a plugin manager; by default a new one with every installed plugin.
+        resume: continue an interrupted run into the same output from its last finished block;
+            refused if the model, settings, calibration data or versions changed.
         where: what to name in config errors (a file name, or "flags").
 
     Example:
@@ -41,4 +44,4 @@ def quantize(
     entry = plugins.algorithm(str(settings.get("algo", "rtn")))
     config, algo_config = resolve_config(settings, entry.cls.config_type, where=where)
     source = resolve_model(model)
-    return quantize_checkpoint(source, Path(output), config, algo_config, plugins, overwrite=overwrite)
+    return quantize_checkpoint(source, Path(output), config, algo_config, plugins, overwrite=overwrite, resume=resume)

@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--param", action="append", metavar="KEY=VALUE", default=[],
                    help="any algorithm setting, VALUE in TOML syntax (repeatable), e.g. --param damp_percent=0.05")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same command from its last finished block")
     c = q.add_argument_group("calibration (algorithms that need data, e.g. gptq)")
     c.add_argument("--calib", metavar="SOURCE", help="text/json/jsonl/parquet file, a folder of them, or a `datasets` name")
     c.add_argument("--calib-samples", type=int, help="number of token windows (default 128)")
@@ -111,7 +113,7 @@ def _quantize(args: argparse.Namespace) -> None:
     from llmquant.api import quantize
 
     settings, where = _settings(args)
-    report = quantize(args.model, args.output, settings, overwrite=args.overwrite, where=where)
+    report = quantize(args.model, args.output, settings, overwrite=args.overwrite, resume=args.resume, where=where)
     kept = len(report.modules) - report.quantized
     print(
         f"wrote {report.output}: {report.quantized} Linears quantized ({settings.get('algo', 'rtn')}), {kept} kept in float; "

@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+_FLOAT16_SMALLEST_NORMAL = 2.0**-14
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,9 +115,15 @@ def to_stored_precision(scale: Tensor) -> Tensor:
     """Round scales to float16, the precision every target format stores them in.
 
     Codes are computed against the rounded scale, so they are the best codes for the scale
-    that loaders will actually read.
+    that loaders will actually read. Normal float16 values round to nearest (at most 2**-12
+    relative, under half a step even at the ends of an 8-bit grid); scales of tiny groups, which
+    fall among float16's subnormals where rounding to nearest could shrink the step enough to
+    clip the group's extremes, round up instead.
     """
-    return scale.to(torch.float16).float()
+    stored = scale.to(torch.float16)
+    shrunk = (stored.float() < scale) & (scale < _FLOAT16_SMALLEST_NORMAL)
+    stored = torch.where(shrunk, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
+    return stored.float()
 
 
 def quantize_to_codes(W: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:

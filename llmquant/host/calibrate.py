@@ -178,6 +178,16 @@ class SequentialCalibrator:
             log.info("calibration: %s (activations of the single pass need about %.2f GB; --calib-memory is %.2f GB)",
                      "single pass" if self.single_pass else "replay per group", needed / 1e9, self.memory / 1e9)
 
+    def input_tensors(self) -> list[Tensor]:
+        """Return the activations that feed the next block, to keep for a resumed run."""
+        return [self.inputs[b] for b in range(len(self.inputs))]
+
+    def load_inputs(self, tensors: list[Tensor]) -> None:
+        """Replace the next block's inputs, when resuming after a finished block."""
+        self.inputs.clear()
+        for b, tensor in enumerate(tensors):
+            self.inputs.put(b, tensor)
+
     def _load_outside_blocks(self) -> list[str]:
         """Load the weights that run before the first block (embeddings), in the activation dtype."""
         output = self.model.get_output_embeddings()  # type: ignore[operator]

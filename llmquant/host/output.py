@@ -39,14 +39,17 @@ class OutputFolder:
         self.tmp = self.target.parent / f".{self.target.name}.llmquant-partial"
 
     def __enter__(self) -> Path:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        """Return the temporary folder; whether earlier contents are kept is `PartialRun`'s call."""
         return self.tmp
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if kind is not None:
-            log.warning("run stopped; partial output left in %s", self.tmp)
+            if self.tmp.exists():
+                log.warning("run stopped; partial output kept in %s (rerun with --resume to continue)", self.tmp)
             return
+        from llmquant.host.runner import fault_point
+
+        fault_point("before-rename")
         if self.target.exists():
             shutil.rmtree(self.target)
         self.tmp.rename(self.target)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from llmquant.host.calibrate import SequentialCalibrator
 from llmquant.host.calibration_data import CalibrationConfig, load_calibration
 from llmquant.host.checkpoint import Checkpoint
 from llmquant.host.output import OutputFolder
+from llmquant.host.resume import PartialRun, disk_full_error, fingerprint_run
 from llmquant.io.shards import ShardWriter, parse_size
 from llmquant.plugins import AlgorithmEntry, Plugins
 from llmquant.uniform import check_groups
@@ -63,24 +66,26 @@ class _Plan:
 
 
 class _Job:
-    """One run's moving parts: where tensors come from, what quantizes them, where they go."""
+    """One run's moving parts: where tensors come from, what quantizes them, and the current
+    block's output tensors and records."""
 
-    def __init__(self, checkpoint: Checkpoint, plan: _Plan, entry: AlgorithmEntry, fmt: GPTQFormat,
-                 config: QuantizeConfig, writer: ShardWriter) -> None:
-        self.checkpoint, self.plan, self.entry, self.fmt, self.config, self.writer = checkpoint, plan, entry, fmt, config, writer
+    def __init__(self, checkpoint: Checkpoint, plan: _Plan, entry: AlgorithmEntry, fmt: GPTQFormat, config: QuantizeConfig) -> None:
+        self.checkpoint, self.plan, self.entry, self.fmt, self.config = checkpoint, plan, entry, fmt, config
         self.algorithm = entry.cls()
         self.cast = None if config.dtype == "auto" else getattr(torch, config.dtype)
+        self.tensors: list[tuple[str, torch.Tensor]] = []
         self.records: list[ModuleRecord] = []
 
-    def copy(self, key: str) -> None:
+    def read(self, key: str) -> torch.Tensor:
+        """Read a tensor to copy unquantized, cast to the output dtype."""
         tensor = self.checkpoint[key]
-        self.writer.add(key, tensor.to(self.cast) if self.cast is not None and tensor.is_floating_point() else tensor)
+        return tensor.to(self.cast) if self.cast is not None and tensor.is_floating_point() else tensor
 
     def quantize(self, module: str, stats: CalibrationStats | None) -> QuantResult:
-        """Quantize one Linear from the source checkpoint and write its tensors."""
+        """Quantize one Linear from the source checkpoint and keep its output tensors."""
         W = self.checkpoint[f"{module}.weight"].to(self.config.device)
         result: QuantResult = _run_algorithm(self.algorithm, self.entry, module, W, self.plan.configs[module], stats)
-        self.writer.add_all(module, self.fmt.tensors(result))
+        self.tensors.extend((f"{module}.{name}", t) for name, t in self.fmt.tensors(result).items())
         bits, group_size, symmetric = (getattr(result, k, None) for k in ("bits", "group_size", "symmetric"))
         self.records.append(ModuleRecord(module, _shape2(tuple(W.shape)), bits, group_size, symmetric))
         return result
@@ -88,12 +93,13 @@ class _Job:
 
 def quantize_checkpoint(
     source: Path, output: Path, config: QuantizeConfig, algo_config: Any, plugins: Plugins,
-    *, overwrite: bool = False,
+    *, overwrite: bool = False, resume: bool = False,
 ) -> QuantizeReport:
     """Quantize the checkpoint folder `source` into `output`, block by block.
 
     Every check that can fail on bad input runs before the first tensor is read; the output
-    appears at `output` only once complete.
+    appears at `output` only once complete. Each finished block is kept in the temporary
+    folder, so `resume` continues an interrupted run from the last finished block.
     """
     from transformers import AutoConfig
 
@@ -112,21 +118,31 @@ def quantize_checkpoint(
     layout = find_blocks(skeleton)
     plan = _plan(layout, checkpoint, config, algo_config, fmt)
     samples = _calibration_samples(source, calibration) if entry.cls.needs_calibration else None
+    fingerprint = fingerprint_run(checkpoint, config.to_dict(), samples, f"{entry.plugin.distribution} {entry.plugin.version}")
     folder = OutputFolder(output, source=source, overwrite=overwrite)
     with folder as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{output.name}.activations-") as spill:
-        writer = ShardWriter(tmp, parse_size(config.max_shard_size), metadata={"quantizer": "llmquant"})
-        job = _Job(checkpoint, plan, entry, fmt, config, writer)
-        calibrator = None
-        if samples is not None:
-            calibrator = SequentialCalibrator(
-                skeleton, layout, checkpoint, samples, batch_size=calibration.calib_batch_size,
-                dtype=calibration.torch_dtype, device=config.device, memory=parse_size(calibration.calib_memory),
-                spill_dir=Path(spill), mode=calibration.calib_mode)
-            calibrator.capture_inputs()
-        _write_blocks(job, calibrator)
-        writer.close()
-        folder.write_metadata(job.records, fmt.quantization_config(job.records, dict(algo_config.__dict__)), config)
-    report = QuantizeReport(output, job.records, checkpoint.total_bytes, folder.size(), time.perf_counter() - start)
+        try:
+            partial = PartialRun(tmp, fingerprint, resume=resume)
+            done = partial.done()
+            if done:
+                log.info("resuming %s: blocks 0-%d are done", tmp, done[-1])
+            job = _Job(checkpoint, plan, entry, fmt, config)
+            calibrator = None
+            if samples is not None and len(done) < layout.count:
+                calibrator = SequentialCalibrator(
+                    skeleton, layout, checkpoint, samples, batch_size=calibration.calib_batch_size,
+                    dtype=calibration.torch_dtype, device=config.device, memory=parse_size(calibration.calib_memory),
+                    spill_dir=Path(spill), mode=calibration.calib_mode)
+                calibrator.capture_inputs()
+                if done:
+                    calibrator.load_inputs(partial.load_activations(done[-1]))
+            _quantize_blocks(job, calibrator, partial, len(done))
+            records = _assemble(job, partial, tmp)
+        except OSError as exc:
+            raise disk_full_error(exc, tmp) from exc
+        partial.finish()
+        folder.write_metadata(records, fmt.quantization_config(records, dict(algo_config.__dict__)), config)
+    report = QuantizeReport(output, records, checkpoint.total_bytes, folder.size(), time.perf_counter() - start)
     log.info("quantized %d Linears into %s in %.1f s", report.quantized, output, report.seconds)
     return report
 
@@ -174,30 +190,67 @@ def _plan(layout: BlockLayout, checkpoint: Checkpoint, config: QuantizeConfig, a
     return _Plan(layout, configs)
 
 
-def _write_blocks(job: _Job, calibrator: SequentialCalibrator | None) -> None:
+def _quantize_blocks(job: _Job, calibrator: SequentialCalibrator | None, partial: PartialRun, start: int) -> None:
+    """Quantize blocks `start`.. and store each, with the activations after it, in the partial folder."""
     plan = job.plan
-    by_block: dict[int, list[str]] = {}
-    outside: list[str] = []
-    block_re = re.compile(rf"^{re.escape(plan.layout.prefix)}\.(\d+)\.")
-    for key in job.checkpoint:
-        match = block_re.match(key)
-        (by_block.setdefault(int(match.group(1)), []) if match else outside).append(key)
-
-    for index in tqdm(range(plan.layout.count), desc=f"{job.config.algo} -> {job.config.format}", unit="block"):
+    keys = _keys_by_block(job)
+    progress = tqdm(range(plan.layout.count), desc=f"{job.config.algo} -> {job.config.format}", unit="block", initial=start)
+    for index in range(start, plan.layout.count):
         block = plan.layout.block_name(index) + "."
         targets = {n for n, c in plan.configs.items() if c is not None and n.startswith(block)}
+        job.tensors, job.records = [], []
         if calibrator is not None:
             calibrator.run_block(index, lambda name, stats: job.quantize(name, stats).dequantize(), targets)
-        for key in by_block.get(index, []):
+        for key in keys.get(index, []):
             module, _, leaf = key.rpartition(".")
             if module not in targets or leaf != "weight":
-                job.copy(key)
+                job.tensors.append((key, job.read(key)))
             elif calibrator is None:
                 job.quantize(module, None)
         job.records.extend(ModuleRecord(n, _shape2(job.checkpoint.infos[f"{n}.weight"].shape))
                            for n, c in plan.configs.items() if c is None and n.startswith(block))
-    for key in outside:
-        job.copy(key)
+        fault_point(f"block-{index}-before-save")
+        partial.write_block(index, job.tensors, job.records)
+        if calibrator is not None:
+            partial.save_activations(index, calibrator.input_tensors())
+        fault_point(f"block-{index}")
+        progress.update(1)
+    progress.close()
+    job.tensors, job.records = [], []
+
+
+def _keys_by_block(job: _Job) -> dict[int, list[str]]:
+    """Checkpoint keys by block index; keys outside the blocks under -1."""
+    keys: dict[int, list[str]] = {}
+    block_re = re.compile(rf"^{re.escape(job.plan.layout.prefix)}\.(\d+)\.")
+    for key in job.checkpoint:
+        match = block_re.match(key)
+        keys.setdefault(int(match.group(1)) if match else -1, []).append(key)
+    return keys
+
+
+def _assemble(job: _Job, partial: PartialRun, folder: Path) -> list[ModuleRecord]:
+    """Stream every stored block, then the tensors outside the blocks, into the final shards."""
+    writer = ShardWriter(folder, parse_size(job.config.max_shard_size), metadata={"quantizer": "llmquant"})
+    records: list[ModuleRecord] = []
+    for index in range(job.plan.layout.count):
+        reader, order = partial.block_tensors(index)
+        for name in order:
+            writer.add(name, reader[name])
+        records.extend(partial.block_records(index))
+    fault_point("assemble")
+    for key in _keys_by_block(job).get(-1, []):
+        writer.add(key, job.read(key))
+    writer.close()
+    fault_point("shards-written")
+    return records
+
+
+def fault_point(name: str) -> None:
+    """Kill this process here when ``LLMQUANT_KILL_AT`` names this point: how the tests stop a
+    run at exact moments (after block k, half way through assembling) to prove nothing is lost."""
+    if os.environ.get("LLMQUANT_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _shape2(shape: tuple[int, ...]) -> tuple[int, int]:

@@ -83,3 +83,10 @@ def test_mixed_folder_is_refused(tmp_path: Path) -> None:
 def test_config_errors(kwargs: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=f"^{field}"):
         CalibrationConfig(**kwargs)
+
+
+def test_empty_calibration_text_is_named(tiny_llama: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(LlmquantError, match=r"has 0 tokens, fewer than the 512"):
+        load_calibration(CalibrationConfig(calib=str(empty), calib_samples=1, calib_seqlen=512), AutoTokenizer.from_pretrained(tiny_llama))
