@@ -69,7 +69,7 @@ def check_interface(cls: type[Any], tmp_path: Path) -> None:
         assert hasattr(cls, attr), f"{cls.__name__} lacks the class attribute {attr!r}"
     assert isinstance(cls.name, str) and cls.name and " " not in cls.name, f"{cls.__name__}.name must be a word, got {cls.name!r}"
     assert dataclasses.is_dataclass(cls.config_type), f"{cls.name}: config_type must be a dataclass"
-    params = cls.config_type.__dataclass_params__
+    params = getattr(cls.config_type, "__dataclass_params__")
     assert params.frozen, f"{cls.name}: config_type must be frozen (@dataclass(frozen=True))"
     assert cls.result_type in (UniformQuantized, CodebookQuantized), f"{cls.name}: unknown result_type {cls.result_type}"
     assert isinstance(cls.needs_calibration, bool), f"{cls.name}: needs_calibration must be a bool"
@@ -180,11 +180,13 @@ def save_tiny_llama(folder: Path) -> Path:
     config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)  # type: ignore[no-untyped-call]
     words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, 512)}}
     backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(folder)
     return folder
 
 

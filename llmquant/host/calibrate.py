@@ -317,12 +317,16 @@ class SequentialCalibrator:
         return result
 
     def _sequential_groups(self, index: int, block: nn.Module, linears: dict[str, nn.Linear]) -> list[list[str]]:
-        """Group Linears that read the same input tensor, in execution order (q/k/v; o; gate/up; down)."""
+        """Group Linears that read the same input tensor, in execution order (q/k/v; o; gate/up; down).
+
+        Inputs are compared by identity while all of them are held: comparing addresses of tensors
+        already freed would let the allocator's reuse of memory merge unrelated Linears.
+        """
         key = tuple(n.rsplit(".", 1)[-1] for n in linears)
         relative = {n[len(self.layout.block_name(index)) + 1:]: n for n in linears}
         if key not in self._groups:
-            seen: list[tuple[str, int]] = []
-            handles = [m.register_forward_pre_hook(lambda m, a, rel=rel: seen.append((rel, a[0].data_ptr())))
+            seen: list[tuple[str, Tensor]] = []
+            handles = [m.register_forward_pre_hook(lambda m, a, rel=rel: seen.append((rel, a[0])))
                        for rel, m in ((n[len(self.layout.block_name(index)) + 1:], m) for n, m in linears.items())]
             try:
                 with torch.no_grad():
@@ -331,13 +335,14 @@ class SequentialCalibrator:
                 for h in handles:
                     h.remove()
             groups: list[list[str]] = []
-            last_ptr = None
-            for rel, ptr in seen:
-                if groups and ptr == last_ptr and rel not in groups[-1]:
+            last: Tensor | None = None
+            for rel, x in seen:
+                if groups and x is last and rel not in groups[-1]:
                     groups[-1].append(rel)
                 else:
                     groups.append([rel])
-                last_ptr = ptr
+                last = x
+            seen.clear()
             self._groups[key] = groups
             log.debug("sequential groups: %s", groups)
         return [[relative[rel] for rel in group] for group in self._groups[key]]

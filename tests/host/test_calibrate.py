@@ -165,3 +165,34 @@ def test_tiled_hessian_equals_the_full_product(width: int) -> None:
     accumulate_hessian(total, x, tile=256)
     rows = x.reshape(-1, width).double()
     torch.testing.assert_close(total.double(), 2 * rows.t() @ rows, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch,expected", [
+    ("llama", [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+               ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]),
+    ("opt", [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"], ["fc2"]]),
+])
+def test_sequential_groups_follow_the_data_flow(arch: str, expected: list[list[str]], tiny_model_factory: Any,
+                                                tmp_path: Path) -> None:
+    """Groups are Linears reading the very same tensor; freed inputs whose memory the allocator
+    reuses must not merge groups (o_proj and gate/up once did, on a real model)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llmquant.host.arch import build_skeleton, find_blocks
+    from llmquant.host.calibrate import SequentialCalibrator
+    from llmquant.host.calibration_data import CalibrationConfig, load_calibration
+    from llmquant.host.checkpoint import Checkpoint
+
+    source = tiny_model_factory(arch)
+    calib = calibration_file(tmp_path)
+    samples = load_calibration(CalibrationConfig(calib=str(calib), calib_samples=4, calib_seqlen=32), AutoTokenizer.from_pretrained(source))
+    skeleton = build_skeleton(AutoConfig.from_pretrained(source))
+    layout = find_blocks(skeleton)
+    calibrator = SequentialCalibrator(skeleton, layout, Checkpoint(source), samples, batch_size=2, dtype=torch.float32,
+                                      device="cpu", memory=10**9, spill_dir=tmp_path)
+    calibrator.capture_inputs()
+    block = calibrator._materialize(0)
+    prefix = layout.block_name(0) + "."
+    linears = {prefix + rel: m for rel, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    groups = calibrator._sequential_groups(0, block, linears)
+    assert [[n[len(prefix):] for n in g] for g in groups] == expected

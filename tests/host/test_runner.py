@@ -124,10 +124,13 @@ def test_existing_output_is_refused_unless_overwrite(tiny_llama: Path, tmp_path:
     assert (out / "config.json").exists()
 
 
-def test_output_inside_input_is_refused(tiny_model_factory: Callable[..., Path], pm: Plugins) -> None:
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_output_at_or_inside_input_is_refused(tiny_model_factory: Callable[..., Path], pm: Plugins, where: str) -> None:
     source = tiny_model_factory()
-    with pytest.raises(LlmquantError, match="inside it"):
-        quantize(source, source / "q", {"group_size": 64}, plugins=pm)
+    before = dir_hash(source)
+    with pytest.raises(LlmquantError, match="is the input folder or inside it"):
+        quantize(source, source if where == "same" else source / "q", {"group_size": 64}, plugins=pm, overwrite=True)
+    assert dir_hash(source) == before
 
 
 def test_bad_group_size_fails_before_any_output(tiny_llama: Path, tmp_path: Path, pm: Plugins) -> None:
