@@ -101,7 +101,8 @@ def third_party(monkeypatch: pytest.MonkeyPatch) -> None:
         _FakeEntryPoint("good", "good-dist", lambda: _plugin(_algorithm_class("good-algo"))),
         _FakeEntryPoint("broken", "broken-dist", _broken),
     ]
-    monkeypatch.setattr(plugins_module, "_entry_points", lambda group: [*real(group=group), *fakes])
+    builtins = [ep for ep in real(group="llmquant") if ep.dist is not None and ep.dist.name == "llmquant"]
+    monkeypatch.setattr(plugins_module, "_entry_points", lambda group: [*builtins, *fakes])
 
 
 @pytest.mark.usefixtures("third_party")

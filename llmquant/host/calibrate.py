@@ -43,7 +43,7 @@ from llmquant.host.activations import ActivationStore
 from llmquant.host.arch import BlockLayout
 from llmquant.host.checkpoint import Checkpoint
 
-__all__ = ["HessianAccumulator", "SequentialCalibrator", "accumulate_hessian"]
+__all__ = ["HessianAccumulator", "SequentialCalibrator", "accumulate_hessian", "return_freed_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ class SequentialCalibrator:
         for param_name, _ in list(block.named_parameters()):
             _release(block, param_name)
         self.inputs, self.outputs = self.outputs, self.inputs
-        _return_freed_memory()
+        return_freed_memory()
 
     def _replay(self, index: int, block: nn.Module, linears: dict[str, nn.Linear], groups: list[list[str]],
                 quantize: QuantizeModule, targets: set[str]) -> None:
@@ -360,7 +360,7 @@ def _share_malloc_arena() -> None:
         pass
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Collect reference cycles, then ask glibc to give freed heap pages back to the OS.
 
     Worker threads and early-stopped forward passes leave reference cycles (frames holding

@@ -28,7 +28,7 @@ from llmquant.config import QuantizeConfig
 from llmquant.errors import LlmquantError, PluginError
 from llmquant.formats import GPTQFormat, ModuleRecord, get_format
 from llmquant.host.arch import BlockLayout, build_skeleton, find_blocks
-from llmquant.host.calibrate import SequentialCalibrator
+from llmquant.host.calibrate import SequentialCalibrator, return_freed_memory
 from llmquant.host.calibration_data import CalibrationConfig, load_calibration
 from llmquant.host.checkpoint import Checkpoint
 from llmquant.host.output import OutputFolder
@@ -214,6 +214,8 @@ def _quantize_blocks(job: _Job, calibrator: SequentialCalibrator | None, partial
         if calibrator is not None:
             partial.save_activations(index, calibrator.input_tensors())
         fault_point(f"block-{index}")
+        job.tensors, job.records = [], []
+        return_freed_memory()
         progress.update(1)
     progress.close()
     job.tensors, job.records = [], []
@@ -238,6 +240,7 @@ def _assemble(job: _Job, partial: PartialRun, folder: Path) -> list[ModuleRecord
         for name in order:
             writer.add(name, reader[name])
         records.extend(partial.block_records(index))
+        return_freed_memory()
     fault_point("assemble")
     for key in _keys_by_block(job).get(-1, []):
         writer.add(key, job.read(key))

@@ -12,7 +12,7 @@ def test_hub_id_offline_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CheckpointError, match=r"could not fetch 'someone/some-model' from the Hugging Face Hub.*offline"):
+    with pytest.raises(CheckpointError, match=r"(?s)could not fetch 'someone/some-model' from the Hugging Face Hub.*offline"):
         resolve_model("someone/some-model")
 
 
