@@ -24,6 +24,7 @@ __all__ = [
     "Algorithm",
     "CalibrationStats",
     "CodebookQuantized",
+    "NestedAbsmax",
     "QuantResult",
     "UniformQuantized",
 ]
@@ -66,6 +67,33 @@ class UniformQuantized:
 
 
 @dataclass(frozen=True)
+class NestedAbsmax:
+    """Block scales stored in 8 bits, as bitsandbytes' double quantization does:
+    ``absmax[k] = code_map[codes[k]] * scales[k // blocksize] + offset``.
+
+    Attributes:
+        codes: (n_blocks,) uint8 indices into `code_map`.
+        scales: (ceil(n_blocks / blocksize),) float32 absmax of each block of ``absmax - offset``.
+        code_map: (256,) float32, bitsandbytes' signed dynamic map.
+        offset: the mean of the original block scales, subtracted before quantizing them.
+        blocksize: block scales per nested block (256).
+    """
+
+    codes: Tensor
+    scales: Tensor
+    code_map: Tensor
+    offset: float
+    blocksize: int = 256
+
+    def dequantize(self) -> Tensor:
+        """Return the float32 block scales (n_blocks,)."""
+        values = self.code_map[self.codes.long()]
+        pad = -values.numel() % self.blocksize
+        blocks = torch.nn.functional.pad(values, (0, pad)).view(-1, self.blocksize) * self.scales.view(-1, 1)
+        return blocks.flatten()[: values.numel()] + torch.tensor(self.offset, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
 class CodebookQuantized:
     """Indices into a codebook, scaled per block of consecutive row-major elements.
 
@@ -73,10 +101,12 @@ class CodebookQuantized:
 
     Attributes:
         codes: (out, in) uint8 indices into `codebook`.
-        absmax: (out * in // blocksize,) float32 scale of each block.
-        codebook: (2**bits,) float32, normalized to [-1, 1].
+        absmax: (out * in // blocksize,) float32 scale of each block (the dequantized values when
+            `nested` is set).
+        codebook: (16,) float32, normalized to [-1, 1].
         blocksize: elements per absmax block.
         name: the codebook's name ("nf4", "fp4").
+        nested: how `absmax` is stored in 8 bits (double quantization), or None for float32.
     """
 
     codes: Tensor
@@ -84,6 +114,7 @@ class CodebookQuantized:
     codebook: Tensor
     blocksize: int
     name: str
+    nested: NestedAbsmax | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -91,7 +122,8 @@ class CodebookQuantized:
         return int(out_features), int(in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Return the float weight (out, in) these codes stand for."""
+        """Return the float weight (out, in) these codes stand for (float32 products, then `dtype`,
+        as bitsandbytes computes them)."""
         values = self.codebook[self.codes.long()].flatten()
         blocks = values.view(-1, self.blocksize) * self.absmax.view(-1, 1)
         return blocks.view(self.shape).to(dtype)

@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True, help="output folder (created; must not exist unless --overwrite)")
     q.add_argument("--config", help="TOML file of settings (see configs/); flags override it")
     q.add_argument("--algo", help="algorithm name (see `llmquant algorithms`; default rtn)")
-    q.add_argument("--format", help="output format: gptq (v1, default) or gptq_v2")
+    q.add_argument("--format", help="output format (see `llmquant formats`): auto (default: gptq for uniform codes, "
+                   "bitsandbytes for NF4), gptq, gptq_v2, compressed-tensors, bitsandbytes")
     q.add_argument("--bits", type=int, help="bits per weight: 2, 3, 4 or 8 (default 4)")
     q.add_argument("--group-size", type=int, help="input channels per scale (default 128)")
     q.add_argument("--per-channel", action="store_true", help="one scale per output channel instead of groups")
@@ -72,9 +73,17 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-act-group-aware", dest="act_group_aware", action="store_false", default=None,
                    help="visit columns in index order instead of whole groups by importance")
     g.add_argument("--mse", action="store_true", default=None, help="search each group's clipping ratio")
+    n = q.add_argument_group("nf4")
+    n.add_argument("--blocksize", type=int, help="weights per absmax block, 32..4096 (default 64)")
+    n.add_argument("--double-quant", action="store_true", default=None,
+                   help="store block absmax in 8 bits (bitsandbytes double quantization; about 0.37 fewer bits per weight)")
+    n.add_argument("--codebook", choices=["nf4", "fp4"], help="4-bit codebook (default nf4)")
 
     a = commands.add_parser("algorithms", help="list installed algorithms")
     a.add_argument("--json", action="store_true", help="print JSON")
+
+    f = commands.add_parser("formats", help="list installed output formats and the results they store")
+    f.add_argument("--json", action="store_true", help="print JSON")
 
     commands.add_parser("plugins", help="print JSON of installed plugins and the hooks they implement")
 
@@ -93,7 +102,7 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         **{k: getattr(args, k) for k in (
             "calib", "calib_samples", "calib_seqlen", "calib_split", "calib_column", "calib_config", "calib_chat_template",
             "calib_batch_size", "calib_dtype", "calib_memory", "calib_mode", "seed", "damp_percent", "desc_act", "static_groups",
-            "act_group_aware", "mse")},
+            "act_group_aware", "mse", "blocksize", "double_quant", "codebook")},
     }
     settings.update({k: v for k, v in flags.items() if v is not None})
     if args.per_channel:
@@ -144,6 +153,22 @@ def _algorithms(args: argparse.Namespace) -> None:
         print(f"{name:<18} {r['plugin']:<12} {r['distribution']} {r['version']:<10} {r['description']}")
 
 
+def _formats(args: argparse.Namespace) -> None:
+    from llmquant.plugins import get_plugin_manager
+
+    rows = [
+        {"name": e.name, "accepts": [t.__name__ for t in e.cls.accepts], "default_for": [t.__name__ for t in e.cls.default_for],
+         "plugin": e.plugin.name, "distribution": e.plugin.distribution, "description": e.cls.description}
+        for e in sorted(get_plugin_manager().formats().values(), key=lambda e: e.name)
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        default = f" (default for {', '.join(r['default_for'])})" if r["default_for"] else ""
+        print(f"{r['name']:<20} accepts {', '.join(r['accepts']):<20} {r['description']}{default}")
+
+
 def _plugins(args: argparse.Namespace) -> None:
     from llmquant.plugins import get_plugin_manager
 
@@ -167,7 +192,7 @@ def _inspect(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"quantize": _quantize, "algorithms": _algorithms, "plugins": _plugins, "inspect": _inspect}
+    handlers = {"quantize": _quantize, "algorithms": _algorithms, "formats": _formats, "plugins": _plugins, "inspect": _inspect}
     try:
         handlers[args.command](args)
     except LlmquantError as exc:

@@ -50,7 +50,8 @@ class QuantizeConfig:
 
     Attributes:
         algo: algorithm name (see ``llmquant algorithms``).
-        format: output format name.
+        format: output format name (see ``llmquant formats``); "auto" picks the default format
+            for the algorithm's result type (gptq for uniform codes, bitsandbytes for NF4/FP4).
         ignore: regexes (re.search over full module names) of Linears left in float.
         overrides: per-module algorithm settings, first match wins.
         dtype: dtype of tensors copied unquantized (embeddings, norms, lm_head, biases);
@@ -62,7 +63,7 @@ class QuantizeConfig:
     """
 
     algo: str = "rtn"
-    format: str = "gptq"
+    format: str = "auto"
     ignore: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = ()
     dtype: str = "auto"

@@ -25,19 +25,19 @@ def describe_output(path: str | os.PathLike[str]) -> dict[str, Any]:
     meta = json.loads(meta_path.read_text())
     quantization_config = json.loads((folder / "config.json").read_text()).get("quantization_config", {})
     checkpoint = Checkpoint(folder)
-    fmt = quantization_config.get("checkpoint_format", quantization_config.get("quant_method", "?"))
+    fmt = meta["config"].get("format") or quantization_config.get("quant_method", "?")
     modules = []
     for m in meta["modules"]:
         out_features, in_features = m["shape"]
         now = sum(info.nbytes for key, info in checkpoint.infos.items()
-                  if key.startswith(m["name"] + ".") and key.rsplit(".", 1)[0] == m["name"] and not key.endswith(".bias"))
+                  if key.startswith(m["name"] + ".") and key != m["name"] + ".bias")
         modules.append({**m, "format": fmt if m["bits"] is not None else "float",
                         "bytes_fp16": out_features * in_features * 2, "bytes": now})
     total = checkpoint.total_bytes
-    rows = [f"{'module':<44} {'bits':>4} {'group':>5} {'sym':>5} {'format':>8} {'fp16 KB':>9} {'now KB':>8}"]
+    rows = [f"{'module':<44} {'bits':>4} {'group':>5} {'sym':>5} {'format':>18} {'fp16 KB':>9} {'now KB':>8}"]
     rows += [
         f"{m['name']:<44} {m['bits'] or '-':>4} {m['group_size'] or '-':>5} {str(m['symmetric'] if m['bits'] else '-'):>5} "
-        f"{m['format']:>8} {m['bytes_fp16'] / 1024:>9.1f} {m['bytes'] / 1024:>8.1f}"
+        f"{m['format']:>18} {m['bytes_fp16'] / 1024:>9.1f} {m['bytes'] / 1024:>8.1f}"
         for m in modules
     ]
     before = sum(m["bytes_fp16"] for m in modules)

@@ -1,31 +1,32 @@
-"""Output formats: how a result becomes tensors and a ``quantization_config``.
+"""Output formats: the interface format plugins implement, and what the host records per module.
 
-A format declares which result types it accepts, so an algorithm/format pair that cannot be
-represented is refused before any work starts. (Formats become plugins with their own hook
-in a later version of the plugin contract; today the host knows the GPTQ layouts.)
+A format turns an algorithm's result into named tensors and a ``quantization_config`` that real
+loaders understand, and reads its own tensors back (for llmquant's runtime and ``verify``).
+Formats are registered through the `llmquant_register_formats` hook, exactly as algorithms are,
+and declare which result types they accept, so an algorithm/format pair that cannot be
+represented is refused before any work starts.
 """
 
 from __future__ import annotations
 
-import logging
-import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
-from llmquant.algorithm import UniformQuantized
-from llmquant.errors import PluginError, ShapeError
-from llmquant.io.gptq import gptq_quantization_config, to_gptq_tensors
+from llmquant.algorithm import CodebookQuantized, QuantResult, UniformQuantized
 
-__all__ = ["GPTQFormat", "ModuleRecord", "get_format", "FORMATS"]
-
-log = logging.getLogger(__name__)
+__all__ = ["ModuleRecord", "OutputFormat", "output_dtype", "quantizer_name", "record_for", "result_settings"]
 
 
 @dataclass(frozen=True)
 class ModuleRecord:
-    """What was done to one Linear: quantized with these settings, or kept in float (bits None)."""
+    """What was done to one Linear: quantized with these settings, or kept in float (bits None).
+
+    ``group_size`` is the block size for codebook results; ``extra`` holds settings only some
+    formats need (``{"codebook": "nf4", "double_quant": True}``).
+    """
 
     name: str
     shape: tuple[int, int]
@@ -35,99 +36,87 @@ class ModuleRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class GPTQFormat:
-    """GPTQ checkpoint layout (see `llmquant.io.gptq`); version 1 is what every server loads."""
-
-    name: str
-    version: int
-    accepts: ClassVar[tuple[type, ...]] = (UniformQuantized,)
-    description: ClassVar[str] = "GPTQ qweight/qzeros/scales/g_idx (vLLM, SGLang, TGI, transformers+gptqmodel)"
-
-    def check_shape(self, name: str, shape: tuple[int, int], bits: int) -> None:
-        """Raise ShapeError before any work if this weight cannot be packed at `bits`."""
-        out_features, in_features = shape
-        for dim, length in (("in_features", in_features), ("out_features", out_features)):
-            multiple = 32 if bits == 3 else 32 // bits
-            if length % multiple:
-                raise ShapeError(
-                    f"{name} has shape {shape}: GPTQ {bits}-bit packing needs {dim} to be a multiple of "
-                    f"{multiple}; leave it unquantized with `ignore`"
-                )
-
-    def tensors(self, result: Any) -> dict[str, Tensor]:
-        return to_gptq_tensors(result, version=self.version)
-
-    def quantization_config(self, records: list[ModuleRecord], algo_params: dict[str, Any]) -> dict[str, Any]:
-        """Describe the checkpoint: the most common settings, and gptqmodel ``dynamic`` rules for the rest."""
-        quantized = [r for r in records if r.bits is not None]
-        if not quantized:
-            raise PluginError("no module was quantized: every Linear matched `ignore`")
-        settings = [(r.bits, r.group_size, r.symmetric) for r in quantized]
-        bits, group_size, symmetric = max(set(settings), key=settings.count)
-        dynamic: dict[str, dict[str, Any]] = {}
-        for r in records:
-            pattern = f"^{re.escape(r.name)}$"
-            if r.bits is None:
-                dynamic[f"-:{pattern}"] = {}
-            elif (r.bits, r.group_size, r.symmetric) != (bits, group_size, symmetric):
-                dynamic[f"+:{pattern}"] = {"bits": r.bits, "group_size": r.group_size or -1, "sym": r.symmetric}
-        extra: dict[str, Any] = {k: algo_params[k] for k in ("desc_act", "damp_percent", "static_groups", "true_sequential") if k in algo_params}
-        kept = _same_in_every_block(records)
-        if kept is not None:
-            extra["modules_in_block_to_quantize"] = [kept]
-        if any(key.startswith("+:") for key in dynamic) or (kept is None and dynamic):
-            log.warning(
-                "per-module settings are stored as gptqmodel `dynamic` rules, which vLLM and GPTQModel.load honour "
-                "but transformers' GPTQ integration ignores; load this output with one of those"
-            )
-        return gptq_quantization_config(
-            bits=int(bits or 4), group_size=group_size, symmetric=bool(symmetric), version=self.version,
-            dynamic=dynamic or None, extra=extra, quantizer=_quantizer_name(),
-        )
+def result_settings(result: QuantResult) -> dict[str, Any]:
+    """Return the settings a format records for one result (bits, group size, symmetry, extras)."""
+    if isinstance(result, UniformQuantized):
+        trivial = bool(torch.equal(result.g_idx.cpu().long(), _trivial_g_idx(result)))
+        return {"bits": result.bits, "group_size": result.group_size, "symmetric": result.symmetric,
+                "extra": {} if trivial else {"act_order": True}}
+    if isinstance(result, CodebookQuantized):
+        return {"bits": 4, "group_size": result.blocksize, "symmetric": None,
+                "extra": {"codebook": result.name, "double_quant": result.nested is not None}}
+    raise TypeError(f"unknown result type {type(result).__name__}")
 
 
-def _same_in_every_block(records: list[ModuleRecord]) -> list[str] | None:
-    """Return the block-relative names of quantized Linears when some are kept in float, but the
-    same ones in every block (what transformers' ``modules_in_block_to_quantize`` can say)."""
-    by_block: dict[str, tuple[list[str], bool]] = {}
-    for r in records:
-        match = re.match(r"^(.*\.\d+)\.(.+)$", r.name)
-        if match is None:
-            return None
-        names, any_kept = by_block.get(match.group(1), ([], False))
-        if r.bits is not None:
-            names.append(match.group(2))
-        by_block[match.group(1)] = (names, any_kept or r.bits is None)
-    sets = {tuple(names) for names, _ in by_block.values()}
-    if len(sets) != 1 or not any(kept for _, kept in by_block.values()):
-        return None
-    return list(sets.pop())
+def record_for(name: str, shape: tuple[int, int], result: QuantResult) -> ModuleRecord:
+    """Return the record of a Linear quantized to `result`."""
+    return ModuleRecord(name, shape, **result_settings(result))
 
 
-def _quantizer_name() -> str:
+def quantizer_name() -> str:
+    """Return ``llmquant:VERSION``, for the quantizer fields formats record."""
     from llmquant import __version__
 
     return f"llmquant:{__version__}"
 
 
-FORMATS = {"gptq": GPTQFormat("gptq", 1), "gptq_v2": GPTQFormat("gptq_v2", 2)}
+def output_dtype(model_config: Mapping[str, Any], cast: str = "auto") -> torch.dtype:
+    """Return the float dtype of the output model: `cast` unless "auto", else config.json's dtype."""
+    name = cast if cast != "auto" else model_config.get("dtype") or model_config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
-def get_format(name: str, result_type: type, algo: str) -> GPTQFormat:
-    """Return the format called `name`, checking it can hold `result_type`.
+def _trivial_g_idx(result: UniformQuantized) -> Tensor:
+    in_features = result.shape[1]
+    return torch.arange(in_features) // (result.group_size or in_features)
 
-    Raises:
-        PluginError: unknown name (listing the valid ones), or a result the format cannot store
-            (naming the formats that can).
+
+@runtime_checkable
+class OutputFormat(Protocol):
+    """An on-disk layout, registered through `llmquant_register_formats`.
+
+    Class attributes:
+        name: what users pass as ``--format``; unique across installed plugins.
+        description: one line for ``llmquant formats`` (what it is, which servers load it).
+        accepts: the result types (`UniformQuantized`, `CodebookQuantized`) it can store.
+        default_for: result types for which ``--format auto`` picks this format.
+
+    The host creates one instance per run and calls, in order: `check_module` for every Linear
+    before any work, `tensors` once per quantized Linear, `quantization_config` once at the end.
     """
-    if name not in FORMATS:
-        raise PluginError(f"unknown format {name!r}: available formats are {', '.join(FORMATS)}")
-    fmt = FORMATS[name]
-    if not issubclass(result_type, fmt.accepts):
-        able = [n for n, f in FORMATS.items() if issubclass(result_type, f.accepts)]
-        raise PluginError(
-            f"format {name!r} cannot store {result_type.__name__} results of algorithm {algo!r}; "
-            f"use one of: {', '.join(able) or 'none installed'}"
-        )
-    return fmt
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    accepts: ClassVar[tuple[type, ...]]
+    default_for: ClassVar[tuple[type, ...]]
+
+    def check_module(self, name: str, shape: tuple[int, int], config: Any) -> None:
+        """Raise ShapeError or ConfigError, naming `name` and the fix, when this Linear of `shape`
+        quantized with the algorithm's `config` could not be stored."""
+        ...
+
+    def tensors(self, result: Any, dtype: torch.dtype) -> dict[str, Tensor]:
+        """Return the tensors of one quantized Linear, named without the module prefix.
+
+        Args:
+            result: an instance of one of `accepts`.
+            dtype: the float dtype of the output model (for scales and recorded dtypes).
+        """
+        ...
+
+    def quantization_config(self, records: list[ModuleRecord], algo_params: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+        """Return config.json's ``quantization_config`` for a model whose Linears are `records`."""
+        ...
+
+    def recognizes(self, quantization_config: Mapping[str, Any]) -> bool:
+        """Return whether a checkpoint with this ``quantization_config`` is in this format."""
+        ...
+
+    def quantized_module(self, key: str) -> str | None:
+        """Return the module name if tensor `key` marks a Linear stored in this format, else None."""
+        ...
+
+    def read(self, tensors: Mapping[str, Tensor], quantization_config: Mapping[str, Any]) -> QuantResult:
+        """Read back one Linear from its tensors (named without the module prefix, bias excluded)."""
+        ...

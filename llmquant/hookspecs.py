@@ -14,8 +14,9 @@ import pluggy
 
 if TYPE_CHECKING:
     from llmquant.algorithm import Algorithm
+    from llmquant.formats import OutputFormat
 
-__all__ = ["hookimpl", "hookspec", "llmquant_register_algorithms"]
+__all__ = ["hookimpl", "hookspec", "llmquant_register_algorithms", "llmquant_register_formats"]
 
 hookspec = pluggy.HookspecMarker("llmquant")
 hookimpl = pluggy.HookimplMarker("llmquant")
@@ -27,7 +28,16 @@ def llmquant_register_algorithms(register: Callable[[type[Algorithm]], None]) ->
 
     Every implementation is called, once per plugin manager, when the host first needs the
     list of algorithms. A name registered by two plugins is an error naming both.
-    Output formats get a hook of their own in a later version of this contract.
+    """
+
+
+@hookspec
+def llmquant_register_formats(register: Callable[[type[OutputFormat]], None]) -> None:
+    """Register output format classes (see `llmquant.formats.OutputFormat`) by calling
+    ``register(cls)`` once per class.
+
+    Every implementation is called, once per plugin manager, when the host first needs the
+    list of formats. A name registered by two plugins is an error naming both.
     """
 
 

@@ -15,15 +15,16 @@ import logging
 import os
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points as _entry_points
-from typing import Any
+from typing import Any, Callable
 
 import pluggy
 
 from llmquant import hookspecs
 from llmquant.algorithm import Algorithm
 from llmquant.errors import PluginError
+from llmquant.formats import OutputFormat
 
-__all__ = ["AlgorithmEntry", "PluginInfo", "Plugins", "get_plugin_manager", "ENV_PLUGINS"]
+__all__ = ["AlgorithmEntry", "FormatEntry", "PluginInfo", "Plugins", "get_plugin_manager", "ENV_PLUGINS"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ ENTRY_POINT_GROUP = "llmquant"
 ENV_PLUGINS = "LLMQUANT_PLUGINS"
 BUILTIN_DISTRIBUTION = "llmquant"
 _REQUIRED_ATTRIBUTES = ("name", "description", "config_type", "result_type", "needs_calibration")
+_FORMAT_ATTRIBUTES = ("name", "description", "accepts", "default_for")
+_FORMAT_METHODS = ("check_module", "tensors", "quantization_config", "recognizes", "quantized_module", "read")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,21 @@ class AlgorithmEntry:
         return self.cls.name
 
 
+@dataclass(frozen=True)
+class FormatEntry:
+    """A registered output format and the plugin that registered it."""
+
+    cls: type[OutputFormat]
+    plugin: PluginInfo
+
+    @property
+    def name(self) -> str:
+        return self.cls.name
+
+    def accepts(self, result_type: type) -> bool:
+        return issubclass(result_type, self.cls.accepts)
+
+
 @dataclass
 class Plugins:
     """A pluggy manager plus what the host learned while loading it."""
@@ -63,12 +81,13 @@ class Plugins:
     info: dict[str, PluginInfo] = field(default_factory=dict)
     broken: list[PluginInfo] = field(default_factory=list)
     _algorithms: dict[str, AlgorithmEntry] | None = None
+    _formats: dict[str, FormatEntry] | None = None
 
     def register(self, plugin: Any, name: str, distribution: str = "", version: str = "") -> None:
         """Register a plugin object (a module or an instance) under `name`."""
         self.pm.register(plugin, name=name)
         self.info[name] = PluginInfo(name, distribution or name, version)
-        self._algorithms = None
+        self._algorithms = self._formats = None
 
     def algorithms(self) -> dict[str, AlgorithmEntry]:
         """Return every registered algorithm by name.
@@ -77,7 +96,8 @@ class Plugins:
             PluginError: two plugins register the same name, or a class lacks the interface.
         """
         if self._algorithms is None:
-            self._algorithms = _collect_algorithms(self)
+            collected = _collect(self, "llmquant_register_algorithms", "algorithm", _check_algorithm_class)
+            self._algorithms = {name: AlgorithmEntry(cls, plugin) for name, (cls, plugin) in collected.items()}
         return self._algorithms
 
     def algorithm(self, name: str) -> AlgorithmEntry:
@@ -90,6 +110,47 @@ class Plugins:
             f"unknown algorithm {name!r}: installed algorithms are {', '.join(sorted(found)) or 'none'}"
             f"{hint} (see `llmquant algorithms`)"
         )
+
+    def formats(self) -> dict[str, FormatEntry]:
+        """Return every registered output format by name.
+
+        Raises:
+            PluginError: two plugins register the same name, or a class lacks the interface.
+        """
+        if self._formats is None:
+            collected = _collect(self, "llmquant_register_formats", "format", _check_format_class)
+            self._formats = {name: FormatEntry(cls, plugin) for name, (cls, plugin) in collected.items()}
+        return self._formats
+
+    def format_for(self, name: str, result_type: type, algo: str) -> FormatEntry:
+        """Return the format called `name` ("auto": the default for `result_type`), checking it
+        can store `result_type` results of algorithm `algo`.
+
+        Raises:
+            PluginError: unknown name (listing the valid ones), or a result the format cannot
+                store (naming the formats that can).
+        """
+        found = self.formats()
+        able = [f.name for f in found.values() if f.accepts(result_type)]
+        if name == "auto":
+            default = [f for f in found.values() if issubclass(result_type, f.cls.default_for)]
+            if default:
+                return default[0]
+            if able:
+                return found[able[0]]
+            raise PluginError(f"no installed format stores {result_type.__name__} results of algorithm {algo!r} (see `llmquant formats`)")
+        if name not in found:
+            raise PluginError(f"unknown format {name!r}: available formats are {', '.join(sorted(found)) or 'none'} (see `llmquant formats`)")
+        if not found[name].accepts(result_type):
+            raise PluginError(
+                f"format {name!r} cannot store {result_type.__name__} results of algorithm {algo!r}; "
+                f"use one of: {', '.join(able) or 'none installed'}"
+            )
+        return found[name]
+
+    def format_of(self, quantization_config: dict[str, Any]) -> FormatEntry | None:
+        """Return the installed format that recognizes a checkpoint's ``quantization_config``."""
+        return next((f for f in self.formats().values() if f.cls().recognizes(quantization_config)), None)
 
 
 def get_plugin_manager(*, entry_points: bool = True) -> Plugins:
@@ -128,21 +189,22 @@ def _load_entry_points(plugins: Plugins, allow: str) -> None:
         plugins.register(module, ep.name, dist, version)
 
 
-def _collect_algorithms(plugins: Plugins) -> dict[str, AlgorithmEntry]:
-    found: dict[str, AlgorithmEntry] = {}
-    for impl in plugins.pm.hook.llmquant_register_algorithms.get_hookimpls():
+def _collect(plugins: Plugins, hook: str, kind: str, check: Callable[[Any, PluginInfo], None]) -> dict[str, tuple[Any, PluginInfo]]:
+    """Call every implementation of a ``register`` hook; return name -> (class, plugin)."""
+    found: dict[str, tuple[Any, PluginInfo]] = {}
+    for impl in getattr(plugins.pm.hook, hook).get_hookimpls():
         plugin = plugins.info.get(impl.plugin_name, PluginInfo(impl.plugin_name, impl.plugin_name, ""))
 
-        def register(cls: type[Algorithm], plugin: PluginInfo = plugin) -> None:
-            _check_algorithm_class(cls, plugin)
+        def register(cls: Any, plugin: PluginInfo = plugin) -> None:
+            check(cls, plugin)
             if cls.name in found:
-                other = found[cls.name].plugin
+                other = found[cls.name][1]
                 raise PluginError(
-                    f"algorithm {cls.name!r} is registered twice: by plugin {other.name!r} "
+                    f"{kind} {cls.name!r} is registered twice: by plugin {other.name!r} "
                     f"({other.distribution}) and by plugin {plugin.name!r} ({plugin.distribution}); "
                     f"uninstall one, or limit third-party plugins with {ENV_PLUGINS}"
                 )
-            found[cls.name] = AlgorithmEntry(cls, plugin)
+            found[cls.name] = (cls, plugin)
 
         impl.function(register=register)
     return found
@@ -156,4 +218,14 @@ def _check_algorithm_class(cls: Any, plugin: PluginInfo) -> None:
         raise PluginError(
             f"plugin {plugin.name!r} ({plugin.distribution}) registered {cls!r}, which lacks "
             f"{', '.join(missing)}: see llmquant.algorithm.Algorithm for the interface"
+        )
+
+
+def _check_format_class(cls: Any, plugin: PluginInfo) -> None:
+    missing = [a for a in _FORMAT_ATTRIBUTES if not hasattr(cls, a)]
+    missing += [m for m in _FORMAT_METHODS if not callable(getattr(cls, m, None))]
+    if missing:
+        raise PluginError(
+            f"plugin {plugin.name!r} ({plugin.distribution}) registered format {cls!r}, which lacks "
+            f"{', '.join(missing)}: see llmquant.formats.OutputFormat for the interface"
         )

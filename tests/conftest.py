@@ -18,11 +18,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 @pytest.fixture
 def pm() -> Plugins:
-    """A new manager with the built-in algorithms and no entry points."""
+    """A new manager with the built-in algorithms and formats, and no entry points."""
     plugins = get_plugin_manager(entry_points=False)
-    for name in ("rtn", "gptq"):
+    for name in BUILTIN_PLUGINS:
         plugins.register(importlib.import_module(f"llmquant_plugins.{name}"), name, "llmquant", "test")
     return plugins
+
+
+BUILTIN_PLUGINS = ("rtn", "gptq", "nf4", "groupwise_int4", "gptq_format", "compressed_tensors_format", "bitsandbytes_format")
 
 
 ARCHS: dict[str, tuple[str, dict[str, Any]]] = {

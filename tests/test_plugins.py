@@ -14,6 +14,8 @@ from llmquant.cli import main
 from llmquant.errors import PluginError
 from llmquant.plugins import Plugins, get_plugin_manager
 
+BUILTIN_ALGORITHMS = {"gptq", "groupwise-int4", "nf4", "rtn"}
+
 
 @dataclass(frozen=True, kw_only=True)
 class _Config:
@@ -56,7 +58,7 @@ def test_each_call_builds_a_new_manager() -> None:
 
 def test_inline_plugin_registers(pm: Plugins) -> None:
     pm.register(_plugin(_algorithm_class("mine")), "mine-plugin", "mine-dist", "1.0")
-    assert set(pm.algorithms()) == {"gptq", "rtn", "mine"}
+    assert set(pm.algorithms()) == {*BUILTIN_ALGORITHMS, "mine"}
     assert pm.algorithm("mine").plugin.distribution == "mine-dist"
 
 
@@ -67,7 +69,7 @@ def test_duplicate_name_names_both_plugins(pm: Plugins) -> None:
 
 
 def test_unknown_algorithm_lists_valid_names(pm: Plugins) -> None:
-    with pytest.raises(PluginError, match=r"unknown algorithm 'nope': installed algorithms are gptq, rtn"):
+    with pytest.raises(PluginError, match=r"unknown algorithm 'nope': installed algorithms are gptq, groupwise-int4, nf4, rtn"):
         pm.algorithm("nope")
 
 
@@ -108,19 +110,19 @@ def third_party(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("third_party")
 def test_broken_plugin_is_marked_and_the_others_still_load(capsys: pytest.CaptureFixture[str]) -> None:
     plugins = get_plugin_manager()
-    assert set(plugins.algorithms()) == {"gptq", "rtn", "good-algo"}
+    assert set(plugins.algorithms()) == {*BUILTIN_ALGORITHMS, "good-algo"}
     assert [(b.name, b.distribution) for b in plugins.broken] == [("broken", "broken-dist")]
     assert "missing_dependency" in (plugins.broken[0].error or "")
     with pytest.raises(PluginError, match="plugin 'broken' \\(broken-dist\\) failed to load"):
         plugins.algorithm("whatever")
     assert main(["algorithms", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["name"] for r in rows if r["status"] == "ok"} == {"gptq", "rtn", "good-algo"}
+    assert {r["name"] for r in rows if r["status"] == "ok"} == {*BUILTIN_ALGORITHMS, "good-algo"}
     assert [r["distribution"] for r in rows if r["status"] == "broken"] == ["broken-dist"]
 
 
 @pytest.mark.usefixtures("third_party")
-@pytest.mark.parametrize("value,expected", [("none", {"gptq", "rtn"}), ("good", {"gptq", "rtn", "good-algo"}), ("all", {"gptq", "rtn", "good-algo"})],
+@pytest.mark.parametrize("value,expected", [("none", BUILTIN_ALGORITHMS), ("good", {*BUILTIN_ALGORITHMS, "good-algo"}), ("all", {*BUILTIN_ALGORITHMS, "good-algo"})],
                          ids=["none", "allow-list", "all"])
 def test_environment_variable_limits_third_party_plugins(monkeypatch: pytest.MonkeyPatch, value: str, expected: set[str]) -> None:
     monkeypatch.setenv("LLMQUANT_PLUGINS", value)

@@ -64,14 +64,16 @@ class OutputFolder:
             model_config["dtype"] = config.dtype
             model_config.pop("torch_dtype", None)
         _write_json(self.tmp / "config.json", model_config)
-        _write_json(self.tmp / "quantize_config.json", quantization_config)
+        if quantization_config.get("quant_method") == "gptq":  # GPTQModel and AutoGPTQ read this file
+            _write_json(self.tmp / "quantize_config.json", quantization_config)
         _write_json(self.tmp / "llmquant.json", {
             "format_version": FORMAT_VERSION,
             "llmquant_version": __version__,
             "source": str(self.source),
             "config": config.to_dict(),
             "modules": [
-                {"name": r.name, "shape": list(r.shape), "bits": r.bits, "group_size": r.group_size, "symmetric": r.symmetric}
+                {"name": r.name, "shape": list(r.shape), "bits": r.bits, "group_size": r.group_size, "symmetric": r.symmetric,
+                 **r.extra}
                 for r in records
             ],
         })

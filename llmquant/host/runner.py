@@ -10,6 +10,7 @@ activations (see its module for the peak-memory formula).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from llmquant.algorithm import CalibrationStats, QuantResult
 from llmquant.config import QuantizeConfig
 from llmquant.errors import LlmquantError, PluginError
-from llmquant.formats import GPTQFormat, ModuleRecord, get_format
+from llmquant.formats import ModuleRecord, OutputFormat, output_dtype, record_for
 from llmquant.host.arch import BlockLayout, build_skeleton, find_blocks
 from llmquant.host.calibrate import SequentialCalibrator, return_freed_memory
 from llmquant.host.calibration_data import CalibrationConfig, load_calibration
@@ -69,10 +70,12 @@ class _Job:
     """One run's moving parts: where tensors come from, what quantizes them, and the current
     block's output tensors and records."""
 
-    def __init__(self, checkpoint: Checkpoint, plan: _Plan, entry: AlgorithmEntry, fmt: GPTQFormat, config: QuantizeConfig) -> None:
+    def __init__(self, checkpoint: Checkpoint, plan: _Plan, entry: AlgorithmEntry, fmt: OutputFormat, config: QuantizeConfig,
+                 dtype: torch.dtype) -> None:
         self.checkpoint, self.plan, self.entry, self.fmt, self.config = checkpoint, plan, entry, fmt, config
         self.algorithm = entry.cls()
         self.cast = None if config.dtype == "auto" else getattr(torch, config.dtype)
+        self.dtype = dtype
         self.tensors: list[tuple[str, torch.Tensor]] = []
         self.records: list[ModuleRecord] = []
 
@@ -85,9 +88,8 @@ class _Job:
         """Quantize one Linear from the source checkpoint and keep its output tensors."""
         W = self.checkpoint[f"{module}.weight"].to(self.config.device)
         result: QuantResult = _run_algorithm(self.algorithm, self.entry, module, W, self.plan.configs[module], stats)
-        self.tensors.extend((f"{module}.{name}", t) for name, t in self.fmt.tensors(result).items())
-        bits, group_size, symmetric = (getattr(result, k, None) for k in ("bits", "group_size", "symmetric"))
-        self.records.append(ModuleRecord(module, _shape2(tuple(W.shape)), bits, group_size, symmetric))
+        self.tensors.extend((f"{module}.{name}", t) for name, t in self.fmt.tensors(result, self.dtype).items())
+        self.records.append(record_for(module, _shape2(tuple(W.shape)), result))
         return result
 
 
@@ -105,7 +107,8 @@ def quantize_checkpoint(
 
     start = time.perf_counter()
     entry = plugins.algorithm(config.algo)
-    fmt = get_format(config.format, entry.cls.result_type, config.algo)
+    fmt = plugins.format_for(config.format, entry.cls.result_type, config.algo).cls()
+    config = dataclasses.replace(config, format=fmt.name)
     calibration = config.calibration
     config = dataclasses.replace(config, device=resolve_device(config.device))
     if entry.cls.needs_calibration and calibration.calib is None:
@@ -114,7 +117,9 @@ def quantize_checkpoint(
             f"a folder of them, or a datasets name), e.g. --calib wiki.txt --calib-samples 128 --calib-seqlen 512"
         )
     checkpoint = Checkpoint(source)
-    skeleton = build_skeleton(AutoConfig.from_pretrained(source))
+    model_config = AutoConfig.from_pretrained(source)
+    dtype = output_dtype(json.loads((source / "config.json").read_text()), config.dtype)
+    skeleton = build_skeleton(model_config)
     layout = find_blocks(skeleton)
     plan = _plan(layout, checkpoint, config, algo_config, fmt)
     samples = _calibration_samples(source, calibration) if entry.cls.needs_calibration else None
@@ -126,7 +131,7 @@ def quantize_checkpoint(
             done = partial.done()
             if done:
                 log.info("resuming %s: blocks 0-%d are done", tmp, done[-1])
-            job = _Job(checkpoint, plan, entry, fmt, config)
+            job = _Job(checkpoint, plan, entry, fmt, config, dtype)
             calibrator = None
             if samples is not None and len(done) < layout.count:
                 calibrator = SequentialCalibrator(
@@ -141,7 +146,7 @@ def quantize_checkpoint(
         except OSError as exc:
             raise disk_full_error(exc, tmp) from exc
         partial.finish()
-        folder.write_metadata(records, fmt.quantization_config(records, dict(algo_config.__dict__)), config)
+        folder.write_metadata(records, fmt.quantization_config(records, dict(algo_config.__dict__), dtype), config)
     report = QuantizeReport(output, records, checkpoint.total_bytes, folder.size(), time.perf_counter() - start)
     log.info("quantized %d Linears into %s in %.1f s", report.quantized, output, report.seconds)
     return report
@@ -170,7 +175,7 @@ def _calibration_samples(source: Path, calibration: CalibrationConfig) -> torch.
     return load_calibration(calibration, tokenizer)
 
 
-def _plan(layout: BlockLayout, checkpoint: Checkpoint, config: QuantizeConfig, algo_config: Any, fmt: GPTQFormat) -> _Plan:
+def _plan(layout: BlockLayout, checkpoint: Checkpoint, config: QuantizeConfig, algo_config: Any, fmt: OutputFormat) -> _Plan:
     configs: dict[str, Any] = {}
     for index, names in enumerate(layout.linears):
         for rel in names:
@@ -185,7 +190,7 @@ def _plan(layout: BlockLayout, checkpoint: Checkpoint, config: QuantizeConfig, a
             shape = checkpoint.infos[f"{name}.weight"].shape
             out_features, in_features = int(shape[0]), int(shape[1])
             check_groups((out_features, in_features), getattr(module_config, "group_size", None), name)
-            fmt.check_shape(name, (out_features, in_features), getattr(module_config, "bits", 4))
+            fmt.check_module(name, (out_features, in_features), module_config)
             configs[name] = module_config
     return _Plan(layout, configs)
 
