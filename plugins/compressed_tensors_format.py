@@ -4,6 +4,7 @@ SGLang and transformers + compressed-tensors. Layout: `llmquant.io.compressed_te
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -18,6 +19,8 @@ from llmquant.io.compressed_tensors import CT_BITS, from_ct_tensors, to_ct_tenso
 
 __all__ = ["CompressedTensorsFormat"]
 
+log = logging.getLogger(__name__)
+
 # The schema version of compressed-tensors whose layout this writes (checked with its loader).
 CT_VERSION = "0.20.0"
 
@@ -30,11 +33,19 @@ class CompressedTensorsFormat:
     accepts: ClassVar[tuple[type, ...]] = (UniformQuantized,)
     default_for: ClassVar[tuple[type, ...]] = ()
 
+    def __init__(self) -> None:
+        self._warned = False
+
     def check_module(self, name: str, shape: tuple[int, int], config: Any) -> None:
         bits = getattr(config, "bits", 4)
         if bits not in CT_BITS:
             raise ShapeError(f"{name}: compressed-tensors pack-quantized stores {', '.join(map(str, CT_BITS))}-bit "
                              f"integers, not {bits}-bit; use --format gptq for {bits} bits")
+        if getattr(config, "desc_act", False) and not getattr(config, "static_groups", False) and not self._warned:
+            self._warned = True
+            log.warning(
+                "act-order without static groups stores weight_g_idx with actorder 'group', which vLLM reads but "
+                "compressed-tensors >= 0.20 (transformers) refuses; add --static-groups, or write --format gptq")
 
     def tensors(self, result: UniformQuantized, dtype: torch.dtype) -> dict[str, Tensor]:
         # Scales are float16-exact, so float16 keeps them for float16 and bfloat16 models alike.

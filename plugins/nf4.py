@@ -63,11 +63,11 @@ class NF4Config:
 
     def __post_init__(self) -> None:
         if self.blocksize not in BLOCKSIZES:
-            raise ConfigError(f"blocksize: expected one of {', '.join(map(str, BLOCKSIZES))}, got {self.blocksize!r}")
+            raise ConfigError("blocksize", self.blocksize, f"one of {', '.join(map(str, BLOCKSIZES))}")
         if self.codebook not in CODEBOOKS:
-            raise ConfigError(f"codebook: expected one of {', '.join(CODEBOOKS)}, got {self.codebook!r}")
+            raise ConfigError("codebook", self.codebook, f"one of {', '.join(CODEBOOKS)}")
         if not isinstance(self.double_quant, bool):
-            raise ConfigError(f"double_quant: expected true or false, got {self.double_quant!r}")
+            raise ConfigError("double_quant", self.double_quant, "true or false")
 
 
 def dynamic_map() -> Tensor:

@@ -16,7 +16,7 @@ from llmquant.uniform import minmax_quantize
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("module,cls", [("rtn", "RTN"), ("gptq", "GPTQ")])
+@pytest.mark.parametrize("module,cls", [("rtn", "RTN"), ("gptq", "GPTQ"), ("nf4", "NF4"), ("groupwise_int4", "GroupwiseInt4")])
 def test_builtins_conform(check: Any, module: str, cls: str, tmp_path: Path) -> None:
     check(getattr(importlib.import_module(f"llmquant_plugins.{module}"), cls), tmp_path)
 

@@ -49,7 +49,7 @@ def to_bnb_tensors(result: CodebookQuantized, dtype: torch.dtype) -> dict[str, T
                              "dtype": str(dtype).removeprefix("torch."), "shape": list(result.shape)}
     tensors = {
         "weight": ((codes[0::2] << 4) | codes[1::2]).to(torch.uint8).unsqueeze(1),
-        "weight.quant_map": result.codebook.float().cpu().contiguous(),
+        "weight.quant_map": result.codebook.float().cpu().clone(),  # a copy: the codebook is one shared tensor
     }
     if result.nested is None:
         tensors["weight.absmax"] = result.absmax.float().cpu().contiguous()
@@ -57,7 +57,7 @@ def to_bnb_tensors(result: CodebookQuantized, dtype: torch.dtype) -> dict[str, T
         nested = result.nested
         tensors["weight.absmax"] = nested.codes.cpu().contiguous()
         tensors["weight.nested_absmax"] = nested.scales.float().cpu().contiguous()
-        tensors["weight.nested_quant_map"] = nested.code_map.float().cpu().contiguous()
+        tensors["weight.nested_quant_map"] = nested.code_map.float().cpu().clone()
         state.update(nested_blocksize=nested.blocksize, nested_dtype="float32", nested_offset=nested.offset)
     blob = json.dumps(state).encode()
     tensors[f"weight.{quant_state_key(result.name)}"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from llmquant.algorithm import UniformQuantized
+from llmquant.errors import CheckpointError
 from llmquant.io.packing import pack_int32, unpack_int32
 
 __all__ = ["CT_BITS", "from_ct_tensors", "to_ct_tensors"]
@@ -64,7 +65,10 @@ def from_ct_tensors(tensors: dict[str, Tensor]) -> UniformQuantized:
     symmetric = "weight_zero_point" not in tensors
     out_features, in_features = (int(v) for v in tensors["weight_shape"].tolist())
     packed = tensors["weight_packed"]
-    bits = round(packed.shape[1] * 32 / in_features)
+    fitting = [b for b in CT_BITS if math.ceil(in_features * b / 32) == packed.shape[1]]
+    if len(fitting) != 1:
+        raise CheckpointError(f"weight_packed of shape {tuple(packed.shape)} does not hold {in_features} columns of 2, 4 or 8 bits")
+    bits = fitting[0]
     scales = tensors["weight_scale"].float()
     groups = scales.shape[1]
     codes = _unpack_rows(packed, bits, in_features)

@@ -52,3 +52,21 @@ def test_transformers_gptqmodel_generates_sensible_text(smollm2_w4: Path) -> Non
         cosine = torch.nn.functional.cosine_similarity(
             ours(generated).logits.flatten(), model(generated).logits.float().flatten(), dim=0)
     assert cosine.item() >= 0.9999
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_groupwise_int4_beats_rtn_on_real_weights(symmetric: bool) -> None:
+    """On every Linear of three real blocks, the searched scales reconstruct the weight better."""
+    from llmquant.host.checkpoint import Checkpoint
+    from llmquant.host.source import resolve_model
+    from llmquant.uniform import minmax_quantize
+    from llmquant_plugins.groupwise_int4 import GroupwiseConfig, groupwise_search
+
+    checkpoint = Checkpoint(resolve_model(None))
+    keys = [k for k in checkpoint if k.endswith("proj.weight") and k.split(".")[2] in ("0", "15", "29")]
+    assert len(keys) == 21
+    for key in keys:
+        W = checkpoint[key].float()
+        rtn = (minmax_quantize(W, 4, 64, symmetric).dequantize() - W).pow(2).sum()
+        ours = (groupwise_search(W, GroupwiseConfig(group_size=64, symmetric=symmetric)).dequantize() - W).pow(2).sum()
+        assert ours < 0.97 * rtn, f"{key}: groupwise {ours:.4g} vs RTN {rtn:.4g}"

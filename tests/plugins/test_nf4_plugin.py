@@ -1,0 +1,85 @@
+"""NF4/FP4: the same codes and scales as bitsandbytes' own quantizer, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmquant.errors import ConfigError, ShapeError
+from llmquant_plugins.nf4 import FP4_CODEBOOK, NF4_CODEBOOK, NF4Config, dynamic_map, nf4_quantize
+
+bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="needs `pip install -e .[dev]` (bitsandbytes)")
+
+
+def _weight(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(shape, generator=g) * 0.02
+    W[3, :17] = 0.5  # an outlier block
+    W[5, :64] = 0.0  # an all-zero block
+    return W
+
+
+def test_codebooks_and_dynamic_map_equal_bitsandbytes() -> None:
+    assert torch.equal(NF4_CODEBOOK, bnb_functional.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(FP4_CODEBOOK, bnb_functional.get_4bit_type("fp4", device="cpu"))
+    assert torch.equal(dynamic_map(), bnb_functional.create_dynamic_map())
+
+
+@pytest.mark.parametrize("shape,blocksize,codebook", [
+    ((256, 384), 64, "nf4"), ((576, 1536), 64, "nf4"), ((1000, 600), 32, "fp4"), ((512, 640), 128, "fp4"),
+    ((512, 256), 4096, "nf4"), ((64, 96), 32, "nf4"),
+], ids=["nf4-64", "smollm-mlp", "fp4-32", "fp4-128", "nf4-4096", "odd-rows"])
+def test_codes_and_absmax_equal_bitsandbytes(shape: tuple[int, int], blocksize: int, codebook: str) -> None:
+    W = _weight(shape)
+    packed, state = bnb_functional.quantize_4bit(W, blocksize=blocksize, quant_type=codebook)
+    ours = nf4_quantize(W, blocksize, codebook)
+    codes = ours.codes.flatten()
+    assert torch.equal(((codes[0::2] << 4) | codes[1::2]).unsqueeze(1), packed)
+    assert torch.equal(ours.absmax, state.absmax)
+    assert torch.equal(ours.dequantize(), bnb_functional.dequantize_4bit(packed, state))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_weights_give_bitsandbytes_codes(dtype: torch.dtype) -> None:
+    W = _weight((256, 512)).to(dtype)
+    packed, state = bnb_functional.quantize_4bit(W, blocksize=64, quant_type="nf4")
+    ours = nf4_quantize(W, 64)
+    assert torch.equal(ours.absmax, state.absmax)
+    assert torch.equal(ours.dequantize(dtype), bnb_functional.dequantize_4bit(packed, state))
+
+
+def test_double_quant_matches_bitsandbytes() -> None:
+    """4-bit codes, the offset and the nested scales are bitsandbytes' exactly. The 8-bit codes of
+    the block scales are the exact nearest entries of the dynamic map; bitsandbytes' CPU kernel
+    (a bucketed search) picks the lower neighbour for a few values just above a midpoint, so they
+    agree on all but a handful of blocks and never by more than one step."""
+    W = _weight((1024, 1536))
+    packed, state = bnb_functional.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+    ours = nf4_quantize(W, 64, double_quant=True)
+    nested = ours.nested
+    assert nested is not None
+    codes = ours.codes.flatten()
+    assert torch.equal(((codes[0::2] << 4) | codes[1::2]).unsqueeze(1), packed)
+    assert nested.offset == state.offset.item()
+    assert torch.equal(nested.scales, state.state2.absmax)
+    differ = nested.codes != state.absmax
+    assert differ.float().mean() < 0.005
+    assert (nested.codes.int() - state.absmax.int()).abs().max() <= 1
+    scale = state.state2.absmax.repeat_interleave(256)[: differ.numel()]
+    normed = (W.reshape(-1, 64).abs().amax(1) - state.offset) / scale
+    code_map = nested.code_map  # where the two differ, ours is the nearer entry
+    assert torch.all((code_map[nested.codes.long()] - normed).abs() <= (code_map[state.absmax.long()] - normed).abs())
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"blocksize": 48}, "blocksize"), ({"blocksize": 8192}, "blocksize"), ({"codebook": "nf3"}, "codebook"),
+    ({"double_quant": "yes"}, "double_quant"),
+], ids=["blocksize-48", "blocksize-8192", "codebook", "double-quant"])
+def test_bad_config_names_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        NF4Config(**kwargs)  # type: ignore[arg-type]
+
+
+def test_weight_not_divisible_by_blocksize_is_a_shape_error() -> None:
+    with pytest.raises(ShapeError, match="not a multiple of blocksize 64"):
+        nf4_quantize(torch.randn(3, 7), 64)
