@@ -82,6 +82,35 @@ def _parser() -> argparse.ArgumentParser:
     a = commands.add_parser("algorithms", help="list installed algorithms")
     a.add_argument("--json", action="store_true", help="print JSON")
 
+    e = commands.add_parser("eval", help="measure perplexity, tokens/s and memory of a model or an llmquant output")
+    e.add_argument("model", nargs="?", default=None,
+                   help="an llmquant output folder, a checkpoint folder, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
+    e.add_argument("--baseline", metavar="ORIGINAL", help="also evaluate this model and report deltas and ratios against it")
+    e.add_argument("--ppl", metavar="DATA", help="perplexity text: a text file, a folder of .txt files, or a `datasets` name")
+    e.add_argument("--ppl-split", default="test", help="dataset split (default test)")
+    e.add_argument("--ppl-column", help="dataset text column (default: text, else the first column)")
+    e.add_argument("--ppl-config", help="dataset config name, e.g. wikitext-2-raw-v1")
+    e.add_argument("--seqlen", type=int, help="tokens per window (default: the model's context, capped at 2048)")
+    e.add_argument("--stride", type=int, help="tokens between window starts, for a sliding window (default: seqlen, no overlap)")
+    e.add_argument("--max-windows", type=int, help="score at most this many windows (default: all)")
+    e.add_argument("--speed", action="store_true", help="measure prefill and decode tokens/s")
+    e.add_argument("--batch-size", type=int, action="append", help="batch size for --speed (repeatable; default 1)")
+    e.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for --speed (default 128)")
+    e.add_argument("--new-tokens", type=int, default=32, help="generated tokens per run for --speed (default 32)")
+    e.add_argument("--runs", type=int, default=5, help="timed runs for --speed; the median is reported (default 5)")
+    e.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs for --speed (default 1)")
+    e.add_argument("--loader", choices=["llmquant", "transformers"], default="llmquant",
+                   help="llmquant's own runtime (default; packed int4 kernel for 4-bit in bfloat16) or transformers "
+                   "with the format's integration (gptqmodel, compressed-tensors, bitsandbytes), to cross-check")
+    e.add_argument("--dtype", default="auto", help="compute dtype: auto (bfloat16 on CPU, float16 on CUDA), float32, bfloat16, float16")
+    e.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    e.add_argument("--threads", type=int, help="CPU threads (default: torch's default)")
+    e.add_argument("-o", "--output", help="report path (.json); the .md table and .png plot are written beside it")
+
+    ep = commands.add_parser("eval-plot", help="plot perplexity against bits per weight from one or more eval reports")
+    ep.add_argument("reports", nargs="+", help="JSON reports written by `llmquant eval -o`")
+    ep.add_argument("-o", "--output", required=True, help="PNG file to write")
+
     f = commands.add_parser("formats", help="list installed output formats and the results they store")
     f.add_argument("--json", action="store_true", help="print JSON")
 
@@ -153,6 +182,29 @@ def _algorithms(args: argparse.Namespace) -> None:
         print(f"{name:<18} {r['plugin']:<12} {r['distribution']} {r['version']:<10} {r['description']}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from llmquant.evaluate import run_eval
+
+    report, written = run_eval(args)
+    from llmquant_eval.report import terminal_table
+
+    print(terminal_table(report))
+    for path in written:
+        print(f"wrote {path}")
+
+
+def _eval_plot(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from llmquant_eval.report import load_report, plot
+
+    try:
+        reports = [load_report(Path(p)) for p in args.reports]
+    except (OSError, ValueError) as exc:
+        raise LlmquantError(str(exc)) from exc
+    print(f"wrote {plot(reports, Path(args.output))}")
+
+
 def _formats(args: argparse.Namespace) -> None:
     from llmquant.plugins import get_plugin_manager
 
@@ -192,7 +244,8 @@ def _inspect(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"quantize": _quantize, "algorithms": _algorithms, "formats": _formats, "plugins": _plugins, "inspect": _inspect}
+    handlers = {"quantize": _quantize, "eval": _eval, "eval-plot": _eval_plot, "algorithms": _algorithms, "formats": _formats,
+                "plugins": _plugins, "inspect": _inspect}
     try:
         handlers[args.command](args)
     except LlmquantError as exc:

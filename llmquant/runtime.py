@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmquant.algorithm import UniformQuantized
 from llmquant.errors import CheckpointError
 from llmquant.formats import OutputFormat
 from llmquant.host.arch import build_skeleton
 from llmquant.host.checkpoint import Checkpoint
 from llmquant.plugins import Plugins, get_plugin_manager
 
-__all__ = ["QuantLinear", "load_quantized"]
+__all__ = ["Int4Linear", "QuantLinear", "load_quantized"]
 
 
 class QuantLinear(nn.Module):
@@ -51,13 +52,80 @@ class QuantLinear(nn.Module):
         return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
-def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = None, plugins: Plugins | None = None) -> Any:
+class Int4Linear(nn.Module):
+    """A 4-bit uniform Linear on torch's packed int4 CPU kernel (``_weight_int4pack_mm_for_cpu``).
+
+    The kernel computes ``x @ W.T`` with ``W[o, i] = (q[o, i] - 8) * scale[g, o] + zero[g, o]`` for
+    contiguous groups of 32..256 input channels; llmquant's ``scale * (q - z)`` is the same with
+    ``zero = (8 - z) * scale``. Act-order results (groups scattered over the input channels) are
+    run with the input channels permuted so every group is contiguous. Activations go through the
+    kernel in bfloat16 (its fast path); the output is cast back to the input's dtype.
+    """
+
+    GROUP_SIZES = (32, 64, 128, 256)
+    perm: Tensor | None
+    packed: Tensor
+    scale_and_zero: Tensor
+
+    def __init__(self, result: UniformQuantized, bias: Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = result.shape
+        self.group_size = Int4Linear.kernel_group_size(result)
+        assert self.group_size is not None, "Int4Linear.supports() must be checked first"
+        perm = torch.argsort(result.g_idx.long(), stable=True)
+        self.register_buffer("perm", None if torch.equal(perm, torch.arange(self.in_features)) else perm)
+        codes = result.codes[:, perm].to(torch.int32)
+        repeat = (result.group_size or self.in_features) // self.group_size  # per-channel: one scale, many groups
+        scale = result.scales.float().t().repeat_interleave(repeat, dim=0)
+        zero = (8 - result.zeros.float().t().repeat_interleave(repeat, dim=0)) * scale
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1))
+        self.register_buffer("scale_and_zero", torch.stack([scale, zero], dim=-1).to(self.kernel_dtype).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+        self.dtype = dtype
+
+    kernel_dtype = torch.bfloat16
+
+    @staticmethod
+    def kernel_group_size(result: Any) -> int | None:
+        """Return the kernel group size for `result`, or None when the kernel cannot run it."""
+        if not isinstance(result, UniformQuantized) or result.bits != 4:
+            return None
+        size = result.group_size or next((g for g in reversed(Int4Linear.GROUP_SIZES) if result.shape[1] % g == 0), None)
+        if size not in Int4Linear.GROUP_SIZES or result.shape[1] % size:
+            return None
+        counts = torch.bincount(result.g_idx.long())
+        return size if result.group_size is None or bool((counts == size).all()) else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        flat = x.reshape(-1, self.in_features).to(self.kernel_dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scale_and_zero)
+        out: Tensor = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
+
+    def dequantize(self) -> Tensor:
+        """Return the weight (out, in) the kernel computes with (through an identity input, in float32)."""
+        eye = torch.eye(self.in_features, dtype=torch.float32)
+        scale_and_zero = self.scale_and_zero.float()
+        weight: Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, scale_and_zero).t()
+        if self.perm is not None:
+            weight = weight[:, torch.argsort(self.perm)]
+        return weight.to(self.dtype)
+
+
+def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = None, plugins: Plugins | None = None,
+                   kernel: str = "auto") -> Any:
     """Load a folder llmquant wrote as a transformers causal LM on CPU.
 
     Args:
         path: the output folder of ``llmquant quantize``, in any installed format.
         dtype: compute dtype; by default the dtype recorded in config.json (float32 if none).
         plugins: the plugin manager whose formats read the checkpoint (default: a new one).
+        kernel: "auto" runs 4-bit uniform Linears on torch's packed int4 CPU kernel when the compute
+            dtype is bfloat16 or float16 (the kernel's activations are bfloat16), and dequantizes
+            the rest on the fly; "int4" uses the kernel whatever the dtype; "dequant" never does
+            (exact float32 reference).
 
     Raises:
         CheckpointError: no installed format recognizes the folder, or its tensors do not fit the model.
@@ -74,10 +142,13 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = 
             f"(see `llmquant formats`): is it llmquant's output?"
         )
     fmt = entry.cls()
+    if kernel not in ("auto", "int4", "dequant"):
+        raise ValueError(f"kernel must be auto, int4 or dequant, got {kernel!r}")
     config = AutoConfig.from_pretrained(folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     dtype = dtype or _config_dtype(raw)
+    use_kernel = kernel == "int4" or (kernel == "auto" and dtype in (torch.bfloat16, torch.float16))
     config.dtype = dtype
     model: Any = build_skeleton(config)  # a transformers PreTrainedModel
     checkpoint = Checkpoint(folder)
@@ -88,7 +159,11 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = 
         own = [k for k in keys if k.startswith(f"{name}.") and k != f"{name}.bias"]
         tensors = {k[len(name) + 1:]: checkpoint[k] for k in own}
         bias = checkpoint[f"{name}.bias"] if f"{name}.bias" in checkpoint else None
-        model.set_submodule(name, QuantLinear(fmt, tensors, quant, bias, dtype))
+        module: nn.Module = QuantLinear(fmt, tensors, quant, bias, dtype)
+        result = module.result() if use_kernel and isinstance(module, QuantLinear) else None
+        if result is not None and Int4Linear.kernel_group_size(result) is not None:
+            module = Int4Linear(result, bias, dtype)
+        model.set_submodule(name, module)
         done.update(own, [f"{name}.bias"])
     state = {k: _as(checkpoint[k], dtype) for k in keys if k not in done}
     model.load_state_dict(state, strict=False, assign=True)
