@@ -6,15 +6,19 @@ import pytest
 
 from llmquant.config import load_toml, resolve_config
 from llmquant.errors import ConfigError
+from llmquant.plugins import Plugins
 from llmquant_plugins.rtn import RTNConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
-def test_shipped_configs_are_valid(path: Path) -> None:
-    config, algo = resolve_config(load_toml(path), RTNConfig, where=path.name)
-    assert config.algo == "rtn" and algo.bits in (4, 8)
+def test_shipped_configs_are_valid(path: Path, pm: Plugins) -> None:
+    settings = load_toml(path)
+    entry = pm.algorithm(settings["algo"])
+    config, algo = resolve_config(settings, entry.cls.config_type, where=path.name)
+    assert config.algo == entry.name and config.format != "auto"
+    assert pm.format_for(config.format, entry.cls.result_type, entry.name)  # the pair is storable
 
 
 def test_flat_keys_split_into_host_and_algorithm() -> None:
