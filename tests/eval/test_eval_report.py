@@ -81,3 +81,22 @@ def test_plot_is_written_and_reports_merge(eval_report: Path, tmp_path: Path) ->
 def test_eval_without_a_measurement_is_a_clear_error(tiny_llama: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", str(tiny_llama)]) == 1
     assert "nothing to measure: pass --ppl DATA" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("settings", [{"algo": "nf4"}, {"bits": 4, "group_size": 64, "format": "compressed-tensors"}],
+                         ids=["bitsandbytes", "compressed-tensors"])
+def test_transformers_loader_cross_checks_our_numbers(settings: dict[str, object], tiny_llama: Path, tmp_path: Path) -> None:
+    """--loader transformers runs the format's real integration; on the same text its perplexity
+    agrees with llmquant's runtime."""
+    from eval.run import PerplexitySettings, evaluate_model
+
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("compressed_tensors")
+    quantize(tiny_llama, tmp_path / "out", settings)
+    ids = torch.randint(3, 512, (200,), generator=torch.Generator().manual_seed(0))
+    ppl = PerplexitySettings(ids, "random ids", seqlen=32)
+    results = {loader: evaluate_model(tmp_path / "out", name=loader, role="model", loader=loader, dtype=torch.float32,
+                                      device="cpu", ppl=ppl, speed=None) for loader in ("llmquant", "transformers")}
+    ours, theirs = (results[k].perplexity["perplexity"] for k in ("llmquant", "transformers"))  # type: ignore[index]
+    assert theirs == pytest.approx(ours, rel=1e-3)
