@@ -111,6 +111,16 @@ def _parser() -> argparse.ArgumentParser:
     ep.add_argument("reports", nargs="+", help="JSON reports written by `llmquant eval -o`")
     ep.add_argument("-o", "--output", required=True, help="PNG file to write")
 
+    v = commands.add_parser("verify", help="check that real loaders (transformers, vLLM) take an output and agree with llmquant")
+    v.add_argument("output", help="a folder written by `llmquant quantize`")
+    v.add_argument("--loader", action="append", choices=["transformers", "vllm"],
+                   help="loaders to run (repeatable; default: every one that is installed)")
+    v.add_argument("--vllm-python", help="Python of an environment with vllm installed (default: $LLMQUANT_VLLM_PYTHON, "
+                   "or this Python when it can import vllm)")
+    v.add_argument("--min-top1", type=float, default=0.99, help="smallest share of prompt positions whose top-1 token must "
+                   "agree with llmquant's runtime (default 0.99)")
+    v.add_argument("--json", action="store_true", help="print JSON")
+
     f = commands.add_parser("formats", help="list installed output formats and the results they store")
     f.add_argument("--json", action="store_true", help="print JSON")
 
@@ -205,6 +215,21 @@ def _eval_plot(args: argparse.Namespace) -> None:
     print(f"wrote {plot(reports, Path(args.output))}")
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from llmquant.verify import verify_output
+
+    checks = verify_output(args.output, loaders=tuple(args.loader or ("transformers", "vllm")),
+                           vllm_python=args.vllm_python, min_top1=args.min_top1)
+    if args.json:
+        print(json.dumps([c.to_dict() for c in checks], indent=2))
+    else:
+        print(f"{'loader':<16} {'status':<14} {'positions':>9} {'top-1 agree':>11} {'max |dlogp|':>11}  message")
+        for c in checks:
+            print(f"{c.loader:<16} {c.status:<14} {c.positions:>9} {c.top1_agreement:>11.1%} {c.max_abs_delta_logprob:>11.4f}  {c.message}")
+    failed = [c for c in checks if c.status in ("disagrees", "refused")]
+    return 2 if failed else 0
+
+
 def _formats(args: argparse.Namespace) -> None:
     from llmquant.plugins import get_plugin_manager
 
@@ -244,14 +269,14 @@ def _inspect(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"quantize": _quantize, "eval": _eval, "eval-plot": _eval_plot, "algorithms": _algorithms, "formats": _formats,
-                "plugins": _plugins, "inspect": _inspect}
+    handlers = {"quantize": _quantize, "eval": _eval, "eval-plot": _eval_plot, "verify": _verify, "algorithms": _algorithms,
+                "formats": _formats, "plugins": _plugins, "inspect": _inspect}
     try:
-        handlers[args.command](args)
+        code = handlers[args.command](args)
     except LlmquantError as exc:
         print(f"llmquant: error: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return int(code or 0)
 
 
 if __name__ == "__main__":
