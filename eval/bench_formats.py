@@ -32,6 +32,7 @@ MODELS = {  # name: (how to find it, group size, perplexity windows of 2048 toke
 }
 ROWS: dict[str, dict[str, Any]] = {  # name: llmquant settings, or {"tool": "bitsandbytes", ...}
     "rtn-w4": {"algo": "rtn", "bits": 4},
+    "rtn-w4-asym": {"algo": "rtn", "bits": 4, "symmetric": False},
     "groupwise-w4": {"algo": "groupwise-int4", "bits": 4},
     "groupwise-w4-asym": {"algo": "groupwise-int4", "bits": 4, "symmetric": False, "format": "compressed-tensors"},
     "nf4": {"algo": "nf4"},
@@ -80,7 +81,8 @@ def quantize_row(args: argparse.Namespace) -> None:
     else:
         from llmquant.api import quantize
 
-        quantize(args.model, args.out, {"group_size": args.group_size, **settings})
+        groups = {} if settings["algo"] == "nf4" else {"group_size": args.group_size}  # NF4 has blocks of 64 instead
+        quantize(args.model, args.out, {**groups, **settings})
     timing = json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()})
     Path(f"{args.out}.timing.json").write_text(timing)
     print(timing)

@@ -21,33 +21,40 @@ def _weights(kind: str, shape: tuple[int, int] = (384, 768)) -> torch.Tensor:
     return W
 
 
-def _error(W: torch.Tensor, deq: torch.Tensor) -> float:
-    return (deq - W).pow(2).sum().item()
+def _error(W: torch.Tensor, deq: torch.Tensor, weight_power: float = 0.0) -> float:
+    """Squared reconstruction error, each weight's term scaled by ``|w| ** weight_power``."""
+    return ((deq - W).pow(2) * W.abs().pow(weight_power)).sum().item()
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "heavy-tailed", "outlier-channels"])
 @pytest.mark.parametrize("group_size,symmetric", [(32, True), (64, True), (128, False), (64, False), (None, True)],
                          ids=["g32-sym", "g64-sym", "g128-asym", "g64-asym", "channel-sym"])
 def test_beats_round_to_nearest(kind: str, group_size: int | None, symmetric: bool) -> None:
+    """The default objective weights each weight's squared error by ``w**2``: it must fall well below
+    RTN's, and the plain squared error must fall too."""
     W = _weights(kind)
-    rtn = _error(W, minmax_quantize(W, 4, group_size, symmetric).dequantize())
-    ours = groupwise_search(W, GroupwiseConfig(group_size=group_size, symmetric=symmetric))
-    err = _error(W, ours.dequantize())
-    assert err < 0.97 * rtn, f"{kind}: groupwise {err:.4g} vs RTN {rtn:.4g}"
+    rtn = minmax_quantize(W, 4, group_size, symmetric).dequantize()
+    ours = groupwise_search(W, GroupwiseConfig(group_size=group_size, symmetric=symmetric)).dequantize()
+    assert _error(W, ours, 2) < 0.98 * _error(W, rtn, 2), f"{kind}: weighted {_error(W, ours, 2):.4g} vs RTN {_error(W, rtn, 2):.4g}"
+    assert _error(W, ours) < _error(W, rtn), f"{kind}: squared {_error(W, ours):.4g} vs RTN {_error(W, rtn):.4g}"
+    mse_only = groupwise_search(W, GroupwiseConfig(group_size=group_size, symmetric=symmetric, weight_power=0)).dequantize()
+    assert _error(W, mse_only) < 0.97 * _error(W, rtn)
 
 
 def test_no_group_gets_worse_than_round_to_nearest() -> None:
     """The search starts from RTN's scale and keeps a candidate only where it lowers the error."""
     W = _weights("heavy-tailed")
-    rtn = (minmax_quantize(W, 4, 64, False).dequantize() - W).pow(2).reshape(-1, 64).sum(1)
-    ours = (groupwise_search(W, GroupwiseConfig(group_size=64, symmetric=False)).dequantize() - W).pow(2).reshape(-1, 64).sum(1)
-    assert torch.all(ours <= rtn * (1 + 1e-6))
+    importance = W.abs().pow(2)
+    rtn = ((minmax_quantize(W, 4, 64, False).dequantize() - W).pow(2) * importance).reshape(-1, 64).sum(1)
+    ours = ((groupwise_search(W, GroupwiseConfig(group_size=64, symmetric=False)).dequantize() - W).pow(2) * importance)
+    assert torch.all(ours.reshape(-1, 64).sum(1) <= rtn * (1 + 1e-5))
 
 
 def test_each_stage_helps_and_scales_are_float16() -> None:
     W = _weights("outlier-channels")
     errors = {
-        (grid, steps): _error(W, groupwise_search(W, GroupwiseConfig(group_size=64, grid=grid, refine_steps=steps)).dequantize())
+        (grid, steps): _error(W, groupwise_search(W, GroupwiseConfig(group_size=64, grid=grid, refine_steps=steps,
+                                                                     weight_power=0)).dequantize())
         for grid, steps in ((0, 0), (20, 0), (0, 4), (20, 4))
     }
     assert errors[(0, 0)] == _error(W, minmax_quantize(W, 4, 64, True).dequantize())
@@ -64,8 +71,9 @@ def test_asymmetric_zeros_stay_storable_in_gptq_v1() -> None:
 
 
 @pytest.mark.parametrize("kwargs,field", [({"grid": -1}, "grid"), ({"max_shrink": 1.0}, "max_shrink"),
-                                          ({"refine_steps": 1.5}, "refine_steps"), ({"bits": 5}, "bits")],
-                         ids=["grid", "max_shrink", "refine_steps", "bits"])
+                                          ({"refine_steps": 1.5}, "refine_steps"), ({"bits": 5}, "bits"),
+                                          ({"norm": 0.5}, "norm"), ({"weight_power": -1}, "weight_power")],
+                         ids=["grid", "max_shrink", "refine_steps", "bits", "norm", "weight_power"])
 def test_bad_config_names_the_field(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         GroupwiseConfig(**kwargs)  # type: ignore[arg-type]
