@@ -39,7 +39,9 @@ class OutputFolder:
         self.tmp = self.target.parent / f".{self.target.name}.llmquant-partial"
 
     def __enter__(self) -> Path:
-        """Return the temporary folder; whether earlier contents are kept is `PartialRun`'s call."""
+        """Return the temporary folder; whether earlier contents are kept is `PartialRun`'s call.
+        The output's parent folders are created, as ``save_pretrained`` does."""
+        self.tmp.parent.mkdir(parents=True, exist_ok=True)
         return self.tmp
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:

@@ -201,3 +201,9 @@ def test_a_failing_plugin_is_named_and_nothing_is_written(tiny_llama: Path, tmp_
                                           r"model\.layers\.0\.mlp\.up_proj \(256, 128\): ZeroDivisionError: boom"):
         quantize(tiny_llama, tmp_path / "out", {"algo": "exploding", "group_size": 64}, plugins=pm)
     assert not (tmp_path / "out").exists()
+
+
+def test_output_parent_folders_are_created(tiny_llama: Path, tmp_path: Path, pm: Plugins) -> None:
+    out = tmp_path / "not" / "yet" / "there" / "w4"
+    quantize(tiny_llama, out, {"bits": 4, "group_size": 64}, plugins=pm)
+    assert (out / "config.json").exists() and not any(p.name.startswith(".") for p in out.parent.iterdir())
