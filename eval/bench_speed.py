@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--work", default="/tmp/llmquant-bench-speed")
+    parser.add_argument("--with-nf4", action="store_true", help="also time NF4, which is dequantized on the fly (slow)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     import torch
@@ -35,18 +36,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     original = resolve_model(None)
     work = Path(args.work)
-    outputs = {"rtn-w4-g64": {"algo": "rtn", "bits": 4, "group_size": 64, "dtype": "bfloat16"},
-               "nf4": {"algo": "nf4", "dtype": "bfloat16"}}
+    outputs = {"rtn-w4-g64": {"algo": "rtn", "bits": 4, "group_size": 64, "dtype": "bfloat16"}}
+    if args.with_nf4:
+        outputs["nf4"] = {"algo": "nf4", "dtype": "bfloat16"}
     for name, settings in outputs.items():
         if not (work / name).exists():
             quantize(None, work / name, settings)
     speed = SpeedSettings(batch_sizes=(1, 8), prompt_tokens=128, new_tokens=32, runs=args.runs, warmup=2)
     plan = [("original fp32", original, torch.float32, "baseline"), ("original bf16", original, torch.bfloat16, "model"),
-            ("rtn-w4-g64 int4 kernel", work / "rtn-w4-g64", torch.bfloat16, "model"),
-            ("nf4 dequant", work / "nf4", torch.bfloat16, "model")]
-    rows = [evaluate_model(path, name=name, role=role, loader="llmquant", dtype=dtype, device="cpu", ppl=None, speed=speed).to_dict()
-            for name, path, dtype, role in plan]
-    for row in rows:
+            ("rtn-w4-g64 int4 kernel", work / "rtn-w4-g64", torch.bfloat16, "model")]
+    if args.with_nf4:
+        plan.append(("nf4 dequant", work / "nf4", torch.bfloat16, "model"))
+    rows = []
+    for name, path, dtype, role in plan:
+        row = evaluate_model(path, name=name, role=role, loader="llmquant", dtype=dtype, device="cpu", ppl=None, speed=speed).to_dict()
+        rows.append(row)
         print(f"{row['name']:<26} decode b1 {row['speed'][0]['decode_tokens_per_s']:7.2f} tok/s  prefill b1 "
               f"{row['speed'][0]['prefill_tokens_per_s']:8.1f} tok/s  decode b8 {row['speed'][1]['decode_tokens_per_s']:7.2f}", flush=True)
     settings = {"dtype": "per row", "device": "cpu", "loader": "llmquant",
