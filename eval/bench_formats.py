@@ -57,14 +57,6 @@ def model_folder(name: str) -> Path:
     return Path(name)
 
 
-def peak_rss_mb() -> float:
-    """This process's own peak resident memory (VmHWM; ru_maxrss would carry the parent's across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def quantize_row(args: argparse.Namespace) -> None:
     """Child process: quantize one row into args.out and print {"seconds", "peak_rss_mb"}."""
     import torch
@@ -83,6 +75,8 @@ def quantize_row(args: argparse.Namespace) -> None:
 
         groups = {} if settings["algo"] == "nf4" else {"group_size": args.group_size}  # NF4 has blocks of 64 instead
         quantize(args.model, args.out, {**groups, **settings})
+    from eval.memory import peak_rss_mb
+
     timing = json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()})
     Path(f"{args.out}.timing.json").write_text(timing)
     print(timing)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from llmquant.algorithm import CodebookQuantized, QuantResult, UniformQuantized
 
-__all__ = ["ModuleRecord", "OutputFormat", "output_dtype", "quantizer_name", "record_for", "result_settings"]
+__all__ = ["ModuleRecord", "OutputFormat", "has_act_order", "output_dtype", "quantizer_name", "record_for", "result_settings"]
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,8 @@ class ModuleRecord:
 def result_settings(result: QuantResult) -> dict[str, Any]:
     """Return the settings a format records for one result (bits, group size, symmetry, extras)."""
     if isinstance(result, UniformQuantized):
-        trivial = bool(torch.equal(result.g_idx.cpu().long(), _trivial_g_idx(result)))
         return {"bits": result.bits, "group_size": result.group_size, "symmetric": result.symmetric,
-                "extra": {} if trivial else {"act_order": True}}
+                "extra": {"act_order": True} if has_act_order(result) else {}}
     if isinstance(result, CodebookQuantized):
         return {"bits": 4, "group_size": result.blocksize, "symmetric": None,
                 "extra": {"codebook": result.name, "double_quant": result.nested is not None}}
@@ -67,9 +66,11 @@ def output_dtype(model_config: Mapping[str, Any], cast: str = "auto") -> torch.d
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
-def _trivial_g_idx(result: UniformQuantized) -> Tensor:
+def has_act_order(result: UniformQuantized) -> bool:
+    """Return whether the groups are scattered over the input channels (g_idx not ``i // group_size``)."""
     in_features = result.shape[1]
-    return torch.arange(in_features) // (result.group_size or in_features)
+    trivial = torch.arange(in_features) // (result.group_size or in_features)
+    return not torch.equal(result.g_idx.cpu().long(), trivial)
 
 
 @runtime_checkable

@@ -14,7 +14,7 @@ from torch import Tensor
 from llmquant import hookimpl
 from llmquant.algorithm import UniformQuantized
 from llmquant.errors import PluginError, ShapeError
-from llmquant.formats import ModuleRecord, OutputFormat
+from llmquant.formats import ModuleRecord, OutputFormat, has_act_order
 from llmquant.io.compressed_tensors import CT_BITS, from_ct_tensors, to_ct_tensors
 
 __all__ = ["CompressedTensorsFormat"]
@@ -50,8 +50,7 @@ class CompressedTensorsFormat:
     def tensors(self, result: UniformQuantized, dtype: torch.dtype) -> dict[str, Tensor]:
         # Scales are float16-exact, so float16 keeps them for float16 and bfloat16 models alike.
         scale_dtype = dtype if dtype in (torch.float16, torch.float32) else torch.float16
-        trivial = torch.arange(result.shape[1]) // (result.group_size or result.shape[1])
-        return to_ct_tensors(result, scale_dtype, with_g_idx=not torch.equal(result.g_idx.cpu().long(), trivial))
+        return to_ct_tensors(result, scale_dtype, with_g_idx=has_act_order(result))
 
     def quantization_config(self, records: list[ModuleRecord], algo_params: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
         """One config group per distinct setting; a single setting targets every Linear not ignored."""
