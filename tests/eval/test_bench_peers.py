@@ -1,0 +1,106 @@
+"""The peers benchmark's machinery: measured child processes, the hard memory limit, the memory
+formula, one quantize child, and the README section rebuilt from results (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from eval.limits import CGROUP_ROOT, run_measured
+from eval.memory_model import Shapes, predict_peak_mb, shapes_of
+from eval.peers_report import END, START, rebuild
+
+ROOT = Path(__file__).resolve().parents[2]
+MB = 1024 * 1024
+ALLOCATE = "import time; block = bytearray({mb} * 1024 * 1024); time.sleep(0.8); print('done')"
+can_limit = pytest.mark.skipif(os.geteuid() != 0 or not (CGROUP_ROOT / "cgroup.procs").exists(),
+                               reason="a hard memory limit needs root and the cgroup v1 memory controller")
+
+
+def test_run_measured_sees_a_childs_peak_memory() -> None:
+    done = run_measured([sys.executable, "-c", ALLOCATE.format(mb=200)], interval=0.05)
+    assert done.ok and done.stdout.strip() == "done" and not done.oom_killed
+    assert 200 <= done.peak_anon_mb <= done.peak_rss_mb < 400
+    assert done.seconds >= 0.8 and done.limit_mb is None and done.cgroup_peak_mb is None
+
+
+@can_limit
+def test_a_child_past_the_hard_limit_is_killed_and_one_under_it_is_not() -> None:
+    killed = run_measured([sys.executable, "-c", ALLOCATE.format(mb=300)], memory_limit_mb=150)
+    assert not killed.ok and killed.oom_killed and killed.cgroup_peak_mb == pytest.approx(150, abs=1)
+    fits = run_measured([sys.executable, "-c", ALLOCATE.format(mb=100)], memory_limit_mb=400)
+    assert fits.ok and not fits.oom_killed and 100 < fits.cgroup_peak_mb < 400
+    assert not [p for p in CGROUP_ROOT.iterdir() if p.name.startswith(f"llmquant-bench-{os.getpid()}-")]
+
+
+def test_shapes_are_read_from_the_checkpoint(tiny_llama: Path) -> None:
+    shapes = shapes_of(tiny_llama)
+    with safe_open(tiny_llama / "model.safetensors", "pt") as f:
+        sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
+    block0 = [s for k, s in sizes.items() if ".layers.0." in k]
+    assert shapes.block_params == sum(math.prod(s) for s in block0)
+    assert shapes.widest_input == 256 and shapes.largest_weight == 256 * 128  # mlp: 128 -> 256 -> 128
+    assert (shapes.hidden, shapes.vocab, shapes.layers, shapes.source_bytes) == (128, 512, 2, 4)
+    assert shapes.largest_outside == 512 * 128 and shapes.params == sum(math.prod(s) for s in sizes.values())
+
+
+def test_memory_formula_terms() -> None:
+    # a Qwen2.5-1.5B-like block: w = 46.8M, widest input 8960, float32 source, bf16 activations
+    shapes = Shapes(block_params=46_797_824, largest_weight=8960 * 1536, widest_input=8960, hidden=1536, vocab=151_936,
+                    largest_outside=151_936 * 1536, source_bytes=4, layers=28, params=1_777_088_000)
+    rtn = predict_peak_mb(shapes, 500)
+    assert rtn == pytest.approx(500 + 151_936 * 1536 * 4 / MB)  # the embedding copy dominates a block
+    N = 64 * 512
+    replay = predict_peak_mb(shapes, 500, calibration_tokens=N, batch_tokens=8 * 512)
+    block = 46_797_824 * 6 + 2 * N * 1536 * 2 + 16 * 8 * 512 * 1536 * 2 + 12 * 8960**2 + 16 * 8960 * 1536
+    assert replay == pytest.approx(500 + block / MB)
+    single = predict_peak_mb(shapes, 500, calibration_tokens=N, batch_tokens=8 * 512, single_pass=True)
+    assert single - replay == pytest.approx(16 * (N - 8 * 512) * 1536 * 2 / MB)
+
+
+def test_quantize_child_writes_an_output_and_reports_its_cost(tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rtn"
+    command = [sys.executable, str(ROOT / "eval" / "bench_peers.py"), "--quantize", "rtn-w4", "--out", str(out),
+               "--model-dir", str(tiny_llama), "--group-size", "64", "--threads", "1"]
+    done = run_measured(command, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.ok, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["seconds"] > 0 and report["peak_rss_mb"] > 50
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (config["bits"], config["group_size"], config["sym"]) == (4, 64, True)
+
+
+def _results(model: str, params: float, gptq_s: float, peer_s: float) -> dict:
+    settings = {"model": model, "params": params, "checkpoint_mb": params * 4e-6, "bits": 4, "group_size": 64,
+                "nf4_blocksize": 64, "calibration": "64 x 512", "perplexity": "10 windows", "decode": "batch 1",
+                "threads": 2, "machine": "x86_64, 2 cpus", "torch": "2.13.0", "read_mb_s": 900.0, "baseline_mb": 500.0,
+                "memory_limit_mb": None}
+    rows = {"fp32": {"perplexity": 20.0, "decode_tok_s_fp32": 10.0, "decode_tok_s_bf16": 15.0},
+            "gptq-w4": {"perplexity": 22.0, "quantize_s": gptq_s, "peak_rss_mb": 600.0, "predicted_peak_mb": 610.0,
+                        "disk_mb": 100.0, "mb_s": 3.0, "decode_tok_s": 20.0},
+            "gptqmodel-gptq-w4": {"perplexity": 23.0, "quantize_s": peer_s, "peak_rss_mb": 1200.0, "disk_mb": 90.0,
+                                  "mb_s": 1.0, "decode_tok_s": 11.0},
+            "llmcompressor-gptq-w4": {"error": "killed by the 2560 MiB memory limit after 12 s", "sampled_peak_rss_mb": 2400.0}}
+    return {"settings": settings, "rows": rows}
+
+
+def test_readme_section_is_rebuilt_from_results_alone(tmp_path: Path) -> None:
+    results = tmp_path / "eval" / "results"
+    results.mkdir(parents=True)
+    (results / "peers_smollm2.json").write_text(json.dumps(_results("SmolLM2", 1.35e8, 50.0, 100.0)))
+    (results / "peers_gemma3.json").write_text(json.dumps(_results("Gemma", 2.7e8, 90.0, 150.0)))
+    (tmp_path / "README.md").write_text(f"# title\n\nbefore\n\n{START}\nold table\n{END}\n\nafter\n")
+    rebuild(tmp_path)
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.startswith("# title\n\nbefore\n\n") and readme.endswith(f"{END}\n\nafter\n") and "old table" not in readme
+    assert readme.index("#### smollm2") < readme.index("#### gemma3")  # model order: smallest first
+    assert "| gptq-w4 | 22.00 | 1.100 | 50.0 | 0.50x | 3 | 600 | 610 | 100 | 20.0 | 2.00x |" in readme
+    assert "| llmcompressor-gptq-w4 | failed: killed by the 2560 MiB memory limit after 12 s |" in readme
+    assert (results / "peers.md").read_text() in readme
+    assert (results / "peers_scaling.png").read_bytes().startswith(b"\x89PNG")
