@@ -238,34 +238,44 @@ def run_model(name: str, args: argparse.Namespace) -> None:
         "perplexity": f"WikiText-2 test, first {args.ppl_windows} windows of 2048 tokens, float32",
         "decode": f"batch 1, prompt 128, 32 new tokens, bfloat16, median of {args.speed_runs}",
         "threads": args.threads, "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "torch": torch.__version__,
-        "memory_limit_mb": args.memory_limit_mb, "shapes": shapes.to_dict(),
+        "shapes": shapes.to_dict(),
     }
     results["settings"]["read_mb_s"] = read_speed_mb_s(model)
     base = results["settings"]["baseline_mb"] = baseline_mb(args)
     rows = ["fp32", *ROWS] if args.rows == "all" else args.rows.split(",")
     for row in rows:
-        if row in results["rows"] and not args.redo and "perplexity" in results["rows"][row]:
+        if args.memory_limit_mb and row == "fp32":
+            continue
+        if row in results["rows"] and not args.redo and "perplexity" in results["rows"][row] and not args.memory_limit_mb:
             print(f"{name} {row}: kept {results['rows'][row]}", flush=True)
             continue
         entry: dict[str, Any] = dict(results["rows"].get(row, {})) if not args.redo else {}
         out = model if row == "fp32" else work / row
         python = args.llmcompressor_python if row != "fp32" and ROWS[row][0] == "llmcompressor" else sys.executable
-        if row != "fp32" and "quantize_s" not in entry:
+        if row != "fp32" and (args.memory_limit_mb or "quantize_s" not in entry):
             shutil.rmtree(out, ignore_errors=True)
             measured = run_measured(child(args, "quantize", row, out, work, model, python), env=child_env(args),
                                     memory_limit_mb=args.memory_limit_mb)
-            entry = {"wall_s": measured.seconds, "sampled_peak_rss_mb": measured.peak_rss_mb,
-                     "sampled_peak_anon_mb": measured.peak_anon_mb, "memory_limit_mb": measured.limit_mb}
             if not measured.ok:
-                entry["error"] = failure(measured)
                 print(measured.stderr[-3000:], file=sys.stderr)
-                results["rows"][row] = entry
+            own = last_json(measured.stdout) if measured.ok else {}
+            if args.memory_limit_mb:  # kept apart: a run under a limit answers "does it fit", not "how fast"
+                results.setdefault("limit_runs", {})[row] = {
+                    "limit_mb": args.memory_limit_mb, "finished": measured.ok, "wall_s": measured.seconds,
+                    "peak_rss_mb": own.get("peak_rss_mb"), "sampled_peak_anon_mb": measured.peak_anon_mb,
+                    "cgroup_peak_mb": measured.cgroup_peak_mb, **({} if measured.ok else {"error": failure(measured)})}
                 save(results, results_path)
-                print(f"{name} {row}: {entry}", flush=True)
+                print(f"{name} {row} under {args.memory_limit_mb:.0f} MiB: {results['limit_runs'][row]}", flush=True)
+                if not measured.ok or "quantize_s" in entry:
+                    continue
+            if not measured.ok:
+                results["rows"][row] = {"error": failure(measured), "wall_s": measured.seconds,
+                                        "sampled_peak_rss_mb": measured.peak_rss_mb}
+                save(results, results_path)
                 continue
-            own = last_json(measured.stdout)
-            entry.update(quantize_s=own["seconds"], peak_rss_mb=own["peak_rss_mb"], disk_mb=disk_bytes(out) / 1e6,
-                         mb_s=results["settings"]["checkpoint_mb"] / own["seconds"])
+            entry = {"wall_s": measured.seconds, "quantize_s": own["seconds"], "peak_rss_mb": own["peak_rss_mb"],
+                     "sampled_peak_anon_mb": measured.peak_anon_mb, "disk_mb": disk_bytes(out) / 1e6,
+                     "mb_s": results["settings"]["checkpoint_mb"] / own["seconds"]}
             if ROWS[row][0] == "llmquant":
                 calibrated = needs_samples(row)
                 entry["predicted_peak_mb"] = predict_peak_mb(shapes, base, calibration_tokens=CALIB_SAMPLES * CALIB_SEQLEN if calibrated else 0,

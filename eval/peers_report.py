@@ -54,20 +54,34 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def limit_table(results: dict[str, Any]) -> str:
+    """Runs under a hard memory limit: which finished, and where the others were killed."""
+    runs = results.get("limit_runs", {})
+    if not runs:
+        return ""
+    lines = ["| row | hard limit MiB | result | wall s | peak RSS MB | cgroup peak MiB (incl. page cache) |", "|---|---|---|---|---|---|"]
+    for name, run in runs.items():
+        result = "finished" if run["finished"] else run.get("error", "failed")
+        lines.append(f"| {name} | {run['limit_mb']:.0f} | {result} | {run['wall_s']:.0f} | {_num(run.get('peak_rss_mb'))} | "
+                     f"{_num(run.get('cgroup_peak_mb'))} |")
+    return "\n".join(lines) + "\n"
+
+
 def settings_line(results: dict[str, Any]) -> str:
     s = results["settings"]
-    limit = f"; every quantization under a hard {s['memory_limit_mb']:.0f} MiB cgroup limit" if s.get("memory_limit_mb") else ""
     return (f"{s['model']}, {s['params'] / 1e9:.2f}B parameters, checkpoint {s['checkpoint_mb']:.0f} MB; {s['bits']}-bit, group "
             f"{s['group_size']}, symmetric (NF4: blocks of {s['nf4_blocksize']}); calibration {s['calibration']}; "
             f"perplexity: {s['perplexity']}; decode: {s['decode']}; {s['threads']} threads on {s['machine']}, torch "
             f"{s['torch']}; raw read speed of the checkpoint {s['read_mb_s']:.0f} MB/s; baseline process "
-            f"{s['baseline_mb']:.0f} MB{limit}.")
+            f"{s['baseline_mb']:.0f} MB.")
 
 
 def markdown_tables(all_results: dict[str, dict[str, Any]]) -> str:
     parts = []
     for name, results in all_results.items():
         parts.append(f"#### {name}\n\n{settings_line(results)}\n\n{markdown_table(results)}")
+        if limits := limit_table(results):
+            parts.append(f"Under a hard memory limit (a cgroup v1 memory group; killed past it):\n\n{limits}")
     return "\n".join(parts)
 
 
