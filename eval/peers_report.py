@@ -35,7 +35,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     ppl0 = rows.get("fp32", {}).get("perplexity")
     decode0 = rows.get("fp32", {}).get("decode_tok_s_fp32")
     peer_gptq = rows.get("gptqmodel-gptq-w4", {}).get("quantize_s")
-    lines = ["| row | perplexity | vs fp32 | quantize s | vs GPTQModel GPTQ | weights MB/s | peak RSS MB | predicted MB | disk MB | decode tok/s | vs fp32 |",
+    read = settings.get("read_mb_s")
+    lines = ["| row | perplexity | vs fp32 | quantize s | vs GPTQModel GPTQ | weights MB/s (vs raw read) | peak RSS MB | predicted MB | disk MB | decode tok/s | vs fp32 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         if name == "fp32":
@@ -47,7 +48,8 @@ def markdown_table(results: dict[str, Any]) -> str:
             ppl, seconds, decode = row.get("perplexity"), row.get("quantize_s"), row.get("decode_tok_s")
             gptq = name.startswith(("gptq-w4", "gptqmodel-gptq", "llmcompressor-gptq"))
             cells = [_num(ppl, 2), f"{ppl / ppl0:.3f}" if ppl and ppl0 else "-", _num(seconds, 1),
-                     f"{seconds / peer_gptq:.2f}x" if gptq and seconds and peer_gptq else "-", _num(row.get("mb_s")),
+                     f"{seconds / peer_gptq:.2f}x" if gptq and seconds and peer_gptq else "-",
+                     f"{row['mb_s']:.0f} ({row['mb_s'] / read:.2f}x read)" if row.get("mb_s") and read else "-",
                      _num(row.get("peak_rss_mb")), _num(row.get("predicted_peak_mb")), _num(row.get("disk_mb")),
                      _num(decode, 1), f"{decode / decode0:.2f}x" if decode and decode0 else "-"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

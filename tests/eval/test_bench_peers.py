@@ -103,7 +103,7 @@ def test_readme_section_is_rebuilt_from_results_alone(tmp_path: Path) -> None:
     readme = (tmp_path / "README.md").read_text()
     assert readme.startswith("# title\n\nbefore\n\n") and readme.endswith(f"{END}\n\nafter\n") and "old table" not in readme
     assert readme.index("#### smollm2") < readme.index("#### gemma3")  # model order: smallest first
-    assert "| gptq-w4 | 22.00 | 1.100 | 50.0 | 0.50x | 3 | 600 | 610 | 100 | 20.0 | 2.00x |" in readme
+    assert "| gptq-w4 | 22.00 | 1.100 | 50.0 | 0.50x | 3 (0.00x read) | 600 | 610 | 100 | 20.0 | 2.00x |" in readme
     assert "| llmcompressor-gptq-w4 | failed: killed by the 2560 MiB memory limit after 12 s |" in readme
     assert "| gptq-w4 | 2560 | finished | 61 | 2100 | 2559 |" in readme
     assert "| gptqmodel-gptq-w4 | 2560 | killed by the 2560 MiB memory limit after 9 s | 9 | - | 2560 |" in readme
