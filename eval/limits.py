@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Measured", "MemoryCgroup", "run_measured"]
+__all__ = ["Measured", "MemoryCgroup", "can_limit_memory", "run_measured"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 MB = 1024 * 1024
@@ -59,7 +59,11 @@ class MemoryCgroup:
         except PermissionError as error:
             raise RuntimeError(f"cannot create {self.path} (needs root): run without a memory limit") from error
         self.limit_mb = limit_mb
-        (self.path / "memory.limit_in_bytes").write_text(str(int(limit_mb * MB)))
+        try:
+            (self.path / "memory.limit_in_bytes").write_text(str(int(limit_mb * MB)))
+        except OSError:
+            self.path.rmdir()
+            raise
 
     def join(self) -> None:
         """Move the calling process into the group (used as ``preexec_fn``, in the child before exec)."""
@@ -69,10 +73,11 @@ class MemoryCgroup:
         return int((self.path / "memory.max_usage_in_bytes").read_text()) / MB
 
     def oom_kills(self) -> int:
+        """Processes the kernel killed in this group; kernels without that counter: 1 if the limit was ever hit."""
         for line in (self.path / "memory.oom_control").read_text().splitlines():
             if line.startswith("oom_kill "):
                 return int(line.split()[1])
-        return int((self.path / "memory.failcnt").read_text()) and -1  # kernel without the counter
+        return int(int((self.path / "memory.failcnt").read_text()) > 0)
 
     def remove(self) -> None:
         for _ in range(50):  # the group empties a moment after its last process exits
@@ -81,6 +86,15 @@ class MemoryCgroup:
                 return
             except OSError:
                 time.sleep(0.1)
+
+
+def can_limit_memory() -> bool:
+    """Whether this process may create a memory cgroup here (root, cgroup v1 memory controller, writable)."""
+    try:
+        MemoryCgroup(1024, name=f"llmquant-probe-{os.getpid()}").remove()
+        return True
+    except (RuntimeError, OSError):
+        return False
 
 
 def _tree(pid: int) -> list[int]:
@@ -145,7 +159,7 @@ def run_measured(command: list[str], *, memory_limit_mb: float | None = None, en
         done.set()
         watcher.join()
         cgroup_peak = group.peak_mb() if group else None
-        oom = bool(group and process.returncode in (-9, 137) and group.oom_kills() != 0)
+        oom = bool(group and process.returncode in (-9, 137) and group.oom_kills() > 0)
     finally:
         if group:
             group.remove()
