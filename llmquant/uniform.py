@@ -128,8 +128,8 @@ def to_stored_precision(scale: Tensor) -> Tensor:
 
 def quantize_to_codes(W: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
     """Return uint8 codes ``clamp(round(W/scale) + zero, 0, 2**bits-1)``; scale/zero broadcast to W."""
-    q = torch.round(W.float() / scale) + zero.float()
-    return q.clamp_(0, 2**bits - 1).to(torch.uint8)
+    q = W.float() / scale
+    return q.round_().add_(zero.float()).clamp_(0, 2**bits - 1).to(torch.uint8)
 
 
 def dequantize_codes(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:

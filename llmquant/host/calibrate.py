@@ -360,14 +360,17 @@ def _share_malloc_arena() -> None:
         pass
 
 
-def return_freed_memory() -> None:
-    """Collect reference cycles, then ask glibc to give freed heap pages back to the OS.
+def return_freed_memory(collect: bool = True) -> None:
+    """Collect reference cycles (with `collect`), then ask glibc to give freed heap pages back to the OS.
 
     Worker threads and early-stopped forward passes leave reference cycles (frames holding
     activations) that Python's collector would free only later, and glibc keeps freed pages
-    mapped; without this, resident memory creeps up over the first blocks.
+    mapped; without this, resident memory creeps up over the first blocks. A full collection
+    costs about 0.3 s once transformers is imported, so paths without calibration, whose
+    tensors are freed by reference counting, skip it.
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do

@@ -220,7 +220,7 @@ def _quantize_blocks(job: _Job, calibrator: SequentialCalibrator | None, partial
             partial.save_activations(index, calibrator.input_tensors())
         fault_point(f"block-{index}")
         job.tensors, job.records = [], []
-        return_freed_memory()
+        return_freed_memory(collect=calibrator is not None)
         progress.update(1)
     progress.close()
     job.tensors, job.records = [], []
@@ -245,7 +245,7 @@ def _assemble(job: _Job, partial: PartialRun, folder: Path) -> list[ModuleRecord
         for name in order:
             writer.add(name, reader[name])
         records.extend(partial.block_records(index))
-        return_freed_memory()
+        return_freed_memory(collect=False)
     fault_point("assemble")
     for key in _keys_by_block(job).get(-1, []):
         writer.add(key, job.read(key))

@@ -51,6 +51,11 @@ def pack_int32(values: Tensor, bits: int, dim: int = 0) -> Tensor:
     length, cols = values.shape
     n_values, n_words = _chunk(bits)
     packed_length(length, bits)
+    if n_words == 1:  # 2, 4, 8 bits: whole values per word with disjoint bits, so their sum is their bitwise or;
+        # int32 shifts and sums wrap in two's complement, which is exactly the stored word
+        v32 = values.to(torch.int32).reshape(length // n_values, n_values, cols)
+        shift32 = (torch.arange(n_values, dtype=torch.int32, device=values.device) * bits).view(1, -1, 1)
+        return (v32 << shift32).sum(dim=1, dtype=torch.int32)
     v = values.to(torch.int64).reshape(length // n_values, n_values, cols)
     offsets = torch.arange(n_values, device=values.device) * bits
     word, shift = offsets // 32, (offsets % 32).view(1, -1, 1)
