@@ -9,14 +9,16 @@ activations (see its module for the peak-memory formula).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
+import shutil
 import signal
-import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,7 +127,7 @@ def quantize_checkpoint(
     samples = _calibration_samples(source, calibration) if entry.cls.needs_calibration else None
     fingerprint = fingerprint_run(checkpoint, config.to_dict(), samples, f"{entry.plugin.distribution} {entry.plugin.version}")
     folder = OutputFolder(output, source=source, overwrite=overwrite)
-    with folder as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{output.name}.activations-") as spill:
+    with folder as tmp, _scratch(tmp.parent / f".{output.name}.activations") as spill:
         try:
             partial = PartialRun(tmp, fingerprint, resume=resume)
             done = partial.done()
@@ -137,7 +139,7 @@ def quantize_checkpoint(
                 calibrator = SequentialCalibrator(
                     skeleton, layout, checkpoint, samples, batch_size=calibration.calib_batch_size,
                     dtype=calibration.torch_dtype, device=config.device, memory=parse_size(calibration.calib_memory),
-                    spill_dir=Path(spill), mode=calibration.calib_mode)
+                    spill_dir=spill, mode=calibration.calib_mode)
                 calibrator.capture_inputs()
                 if done:
                     calibrator.load_inputs(partial.load_activations(done[-1]))
@@ -150,6 +152,17 @@ def quantize_checkpoint(
     report = QuantizeReport(output, records, checkpoint.total_bytes, folder.size(), time.perf_counter() - start)
     log.info("quantized %d Linears into %s in %.1f s", report.quantized, output, report.seconds)
     return report
+
+
+@contextlib.contextmanager
+def _scratch(path: Path) -> Iterator[Path]:
+    """A folder for spilled activations, emptied on entry (a killed run leaves its own) and removed on exit."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def resolve_device(name: str) -> str:

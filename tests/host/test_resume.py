@@ -83,6 +83,7 @@ def test_killed_run_leaves_no_target_and_resumes_byte_identical(deep_llama: Path
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert file_hashes(out) == references[algo]
     assert not partial.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no scratch folder left beside it
     assert dir_hash(deep_llama) == before
 
 
