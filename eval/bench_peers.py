@@ -162,13 +162,18 @@ def score_row(args: argparse.Namespace) -> None:
     model = load(torch.float32, user=False).eval()
     result: dict[str, Any] = {"perplexity": perplexity(model, ids, 2048, args.ppl_windows, progress=True).perplexity}
     speed_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16} if tool == "original" else {"": torch.bfloat16}
+    print(json.dumps(result), flush=True)  # perplexity is kept even if the speed run fails
     for label, dtype in speed_dtypes.items():
-        if dtype != torch.float32 or tool != "original":
-            del model
-            model = load(dtype, user=True).eval()
-        speed = measure_speed(model, batch_size=1, prompt_tokens=128, new_tokens=32, runs=args.speed_runs, warmup=1)
-        result[f"decode_tok_s{'_' + label if label else ''}"] = speed.decode_tokens_per_s
-        result[f"decode_spread{'_' + label if label else ''}"] = speed.decode_spread
+        suffix = f"_{label}" if label else ""
+        try:
+            if dtype != torch.float32 or tool != "original":
+                del model
+                model = load(dtype, user=True).eval()
+            speed = measure_speed(model, batch_size=1, prompt_tokens=128, new_tokens=32, runs=args.speed_runs, warmup=1)
+            result[f"decode_tok_s{suffix}"] = speed.decode_tokens_per_s
+            result[f"decode_spread{suffix}"] = speed.decode_spread
+        except Exception as error:  # noqa: BLE001 - a runtime that cannot decode is a result, not a crash
+            result[f"speed_error{suffix}"] = f"{type(error).__name__}: {error}"[:300]
     print(json.dumps(result))
 
 
