@@ -308,9 +308,11 @@ def run_model(name: str, args: argparse.Namespace) -> None:
             save(results, results_path)
         if not args.no_score:
             scored = run_measured(child(args, "score", row, out, work, model, sys.executable), env=child_env(args))
-            if scored.ok:
-                entry.update(last_json(scored.stdout))
-            else:
+            try:
+                entry.update(last_json(scored.stdout))  # a child that died after its perplexity still has it
+            except ValueError:
+                pass
+            if not scored.ok:
                 entry["score_error"] = failure(scored)
                 print(scored.stderr[-3000:], file=sys.stderr)
         results["rows"][row] = entry
