@@ -53,14 +53,15 @@ class _Shard:
 
     def add(self, name: str, tensor: Tensor) -> None:
         tensor = tensor.detach().to("cpu").contiguous()
-        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        # the tensor's own memory, not a bytes copy of it: a copy doubled the peak at a 933 MB lm_head
+        raw = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
         self.header[name] = {
             "dtype": DTYPE_NAMES[tensor.dtype],
             "shape": list(tensor.shape),
-            "data_offsets": [self.size, self.size + len(raw)],
+            "data_offsets": [self.size, self.size + raw.nbytes],
         }
         self.data.write(raw)
-        self.size += len(raw)
+        self.size += raw.nbytes
 
     def close(self, final_path: Path, metadata: dict[str, str]) -> None:
         self.data.close()
