@@ -36,7 +36,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     decode0 = rows.get("fp32", {}).get("decode_tok_s_fp32")
     peer_gptq = rows.get("gptqmodel-gptq-w4", {}).get("quantize_s")
     read = settings.get("read_mb_s")
-    lines = ["| row | perplexity | vs fp32 | quantize s | vs GPTQModel GPTQ | weights MB/s (vs raw read) | peak RSS MB | predicted MB | disk MB | decode tok/s | vs fp32 |",
+    notes: list[str] = []
+    lines = ["| row | perplexity | vs fp32 | quantize s | vs GPTQModel GPTQ | weights MB/s (vs raw read) | peak RSS / anon MB | predicted MB | disk MB | decode tok/s | vs fp32 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         if name == "fp32":
@@ -50,10 +51,14 @@ def markdown_table(results: dict[str, Any]) -> str:
             cells = [_num(ppl, 2), f"{ppl / ppl0:.3f}" if ppl and ppl0 else "-", _num(seconds, 1),
                      f"{seconds / peer_gptq:.2f}x" if gptq and seconds and peer_gptq else "-",
                      f"{row['mb_s']:.0f} ({row['mb_s'] / read:.2f}x read)" if row.get("mb_s") and read else "-",
-                     _num(row.get("peak_rss_mb")), _num(row.get("predicted_peak_mb")), _num(row.get("disk_mb")),
+                     f"{_num(row.get('peak_rss_mb'))} / {_num(row.get('sampled_peak_anon_mb'))}",
+                     _num(row.get("predicted_peak_mb")), _num(row.get("disk_mb")),
                      _num(decode, 1), f"{decode / decode0:.2f}x" if decode and decode0 else "-"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        mark = f" [{len(notes) + 1}]" if row.get("note") else ""
+        if mark:
+            notes.append(f"[{len(notes) + 1}] {name}: {row['note']}")
+        lines.append(f"| {name}{mark} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + "".join(f"\n{note}\n" for note in notes)
 
 
 def limit_table(results: dict[str, Any]) -> str:
@@ -61,11 +66,11 @@ def limit_table(results: dict[str, Any]) -> str:
     runs = results.get("limit_runs", {})
     if not runs:
         return ""
-    lines = ["| row | hard limit MiB | result | wall s | peak RSS MB | cgroup peak MiB (incl. page cache) |", "|---|---|---|---|---|---|"]
+    lines = ["| row | hard limit MiB | result | wall s | peak RSS MB | peak anon MB (sampled) |", "|---|---|---|---|---|---|"]
     for name, run in runs.items():
         result = "finished" if run["finished"] else run.get("error", "failed")
         lines.append(f"| {name} | {run['limit_mb']:.0f} | {result} | {run['wall_s']:.0f} | {_num(run.get('peak_rss_mb'))} | "
-                     f"{_num(run.get('cgroup_peak_mb'))} |")
+                     f"{_num(run.get('sampled_peak_anon_mb'))} |")
     return "\n".join(lines) + "\n"
 
 

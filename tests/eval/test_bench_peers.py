@@ -98,13 +98,14 @@ def _results(model: str, params: float, gptq_s: float, peer_s: float) -> dict:
                 "nf4_blocksize": 64, "calibration": "64 x 512", "perplexity": "10 windows", "decode": "batch 1",
                 "threads": 2, "machine": "x86_64, 2 cpus", "torch": "2.13.0", "read_mb_s": 900.0, "baseline_mb": 500.0}
     rows = {"fp32": {"perplexity": 20.0, "decode_tok_s_fp32": 10.0, "decode_tok_s_bf16": 15.0},
-            "gptq-w4": {"perplexity": 22.0, "quantize_s": gptq_s, "peak_rss_mb": 600.0, "predicted_peak_mb": 610.0,
+            "gptq-w4": {"perplexity": 22.0, "quantize_s": gptq_s, "peak_rss_mb": 600.0, "sampled_peak_anon_mb": 550.0,
+                        "predicted_peak_mb": 610.0,
                         "disk_mb": 100.0, "mb_s": 3.0, "decode_tok_s": 20.0},
             "gptqmodel-gptq-w4": {"perplexity": 23.0, "quantize_s": peer_s, "peak_rss_mb": 1200.0, "disk_mb": 90.0,
-                                  "mb_s": 1.0, "decode_tok_s": 11.0},
+                                  "mb_s": 1.0, "decode_tok_s": 11.0, "note": "timed on a busy machine"},
             "llmcompressor-gptq-w4": {"error": "killed by the 2560 MiB memory limit after 12 s", "sampled_peak_rss_mb": 2400.0}}
     limit_runs = {"gptq-w4": {"limit_mb": 2560, "finished": True, "wall_s": 61.0, "peak_rss_mb": 2100.0,
-                              "cgroup_peak_mb": 2559.0},
+                              "sampled_peak_anon_mb": 2000.0, "cgroup_peak_mb": 2559.0},
                   "gptqmodel-gptq-w4": {"limit_mb": 2560, "finished": False, "wall_s": 9.0, "peak_rss_mb": None,
                                         "cgroup_peak_mb": 2560.0, "error": "killed by the 2560 MiB memory limit after 9 s"}}
     return {"settings": settings, "rows": rows, "limit_runs": limit_runs}
@@ -120,9 +121,10 @@ def test_readme_section_is_rebuilt_from_results_alone(tmp_path: Path) -> None:
     readme = (tmp_path / "README.md").read_text()
     assert readme.startswith("# title\n\nbefore\n\n") and readme.endswith(f"{END}\n\nafter\n") and "old table" not in readme
     assert readme.index("#### smollm2") < readme.index("#### gemma3")  # model order: smallest first
-    assert "| gptq-w4 | 22.00 | 1.100 | 50.0 | 0.50x | 3 (0.00x read) | 600 | 610 | 100 | 20.0 | 2.00x |" in readme
+    assert "| gptq-w4 | 22.00 | 1.100 | 50.0 | 0.50x | 3 (0.00x read) | 600 / 550 | 610 | 100 | 20.0 | 2.00x |" in readme
+    assert "| gptqmodel-gptq-w4 [1] | 23.00 |" in readme and "\n[1] gptqmodel-gptq-w4: timed on a busy machine\n" in readme
     assert "| llmcompressor-gptq-w4 | failed: killed by the 2560 MiB memory limit after 12 s |" in readme
-    assert "| gptq-w4 | 2560 | finished | 61 | 2100 | 2559 |" in readme
-    assert "| gptqmodel-gptq-w4 | 2560 | killed by the 2560 MiB memory limit after 9 s | 9 | - | 2560 |" in readme
+    assert "| gptq-w4 | 2560 | finished | 61 | 2100 | 2000 |" in readme
+    assert "| gptqmodel-gptq-w4 | 2560 | killed by the 2560 MiB memory limit after 9 s | 9 | - | - |" in readme
     assert (results / "peers.md").read_text() in readme
     assert (results / "peers_scaling.png").read_bytes().startswith(b"\x89PNG")
