@@ -236,7 +236,7 @@ def run_model(name: str, args: argparse.Namespace) -> None:
 
     from eval.limits import run_measured
     from eval.memory import disk_bytes
-    from eval.memory_model import predict_peak_mb, shapes_of
+    from eval.memory_model import shapes_of
     from eval.real_models import MODELS, model_folder, wiki_extracts
     from llmquant.host.calibration_data import CalibrationConfig, load_calibration
 
@@ -263,7 +263,7 @@ def run_model(name: str, args: argparse.Namespace) -> None:
         "shapes": shapes.to_dict(),
     }
     results["settings"]["read_mb_s"] = read_speed_mb_s(model)
-    base = results["settings"]["baseline_mb"] = baseline_mb(args)
+    results["settings"]["baseline_mb"] = baseline_mb(args)
     rows = ["fp32", *ROWS] if args.rows == "all" else args.rows.split(",")
     for row in rows:
         if args.memory_limit_mb and row == "fp32":
@@ -300,10 +300,6 @@ def run_model(name: str, args: argparse.Namespace) -> None:
             entry = {"wall_s": measured.seconds, "quantize_s": own["seconds"], "peak_rss_mb": own["peak_rss_mb"],
                      "sampled_peak_anon_mb": measured.peak_anon_mb, "disk_mb": disk_bytes(out) / 1e6,
                      "mb_s": results["settings"]["checkpoint_mb"] / own["seconds"]}
-            if ROWS[row][0] == "llmquant":
-                calibrated = needs_samples(row)
-                entry["predicted_peak_mb"] = predict_peak_mb(shapes, base, calibration_tokens=CALIB_SAMPLES * CALIB_SEQLEN if calibrated else 0,
-                                                             batch_tokens=8 * CALIB_SEQLEN)
             results["rows"][row] = entry
             save(results, results_path)
         if not args.no_score:

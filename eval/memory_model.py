@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Shapes", "predict_peak_mb", "shapes_of"]
+__all__ = ["Shapes", "predict_peak_mb", "shapes_of", "single_pass_chosen"]
 
 MB = 1024 * 1024
 IN_FLIGHT_WIDTHS = 16  # llmquant.host.calibrate.IN_FLIGHT_WIDTHS
@@ -81,6 +81,11 @@ def _count(shape: tuple[int, ...]) -> int:
     for size in shape:
         n *= size
     return n
+
+
+def single_pass_chosen(shapes: Shapes, calibration_tokens: int, activation_bytes: int = 2, calib_memory: int = 10**9) -> bool:
+    """The host's ``--calib-mode auto`` rule: single pass when all its activations fit in ``--calib-memory``."""
+    return calibration_tokens * shapes.hidden * activation_bytes * (2 + IN_FLIGHT_WIDTHS) <= calib_memory
 
 
 def predict_peak_mb(shapes: Shapes, baseline_mb: float, *, calibration_tokens: int = 0, batch_tokens: int = 0,

@@ -29,6 +29,20 @@ def _num(value: float | None, digits: int = 0, suffix: str = "") -> str:
     return "-" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def predicted_mb(name: str, settings: dict[str, Any]) -> float | None:
+    """The memory formula's peak for an llmquant row (None for the peers'), from the recorded shapes and baseline."""
+    from eval.bench_peers import CALIB_SAMPLES, CALIB_SEQLEN, ROWS, needs_samples
+    from eval.memory_model import Shapes, predict_peak_mb, single_pass_chosen
+
+    if name not in ROWS or ROWS[name][0] != "llmquant" or "shapes" not in settings:
+        return None
+    shapes = Shapes(**settings["shapes"])
+    tokens = CALIB_SAMPLES * CALIB_SEQLEN if needs_samples(name) else 0
+    single = bool(tokens) and single_pass_chosen(shapes, tokens)
+    return predict_peak_mb(shapes, settings["baseline_mb"], calibration_tokens=tokens, batch_tokens=8 * CALIB_SEQLEN,
+                           single_pass=single)
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """One model's rows: quality, cost of quantizing, and what the output costs to run."""
     rows, settings = results["rows"], results["settings"]
@@ -52,7 +66,7 @@ def markdown_table(results: dict[str, Any]) -> str:
                      f"{seconds / peer_gptq:.2f}x" if gptq and seconds and peer_gptq else "-",
                      f"{row['mb_s']:.0f} ({row['mb_s'] / read:.2f}x read)" if row.get("mb_s") and read else "-",
                      f"{_num(row.get('peak_rss_mb'))} / {_num(row.get('sampled_peak_anon_mb'))}",
-                     _num(row.get("predicted_peak_mb")), _num(row.get("disk_mb")),
+                     _num(predicted_mb(name, settings)), _num(row.get("disk_mb")),
                      _num(decode, 1), f"{decode / decode0:.2f}x" if decode and decode0 else "-"]
         mark = f" [{len(notes) + 1}]" if row.get("note") else ""
         if mark:
@@ -143,4 +157,6 @@ def rebuild(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    rebuild(Path(__file__).resolve().parents[1] if len(sys.argv) < 2 else Path(sys.argv[1]))
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))  # run as a script: make `eval.*` importable
+    rebuild(root if len(sys.argv) < 2 else Path(sys.argv[1]))
