@@ -54,7 +54,7 @@ class _Shard:
     def add(self, name: str, tensor: Tensor) -> None:
         tensor = tensor.detach().to("cpu").contiguous()
         # the tensor's own memory, not a bytes copy of it: a copy doubled the peak at a 933 MB lm_head
-        raw = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else memoryview(b"")
         self.header[name] = {
             "dtype": DTYPE_NAMES[tensor.dtype],
             "shape": list(tensor.shape),
