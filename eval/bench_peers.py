@@ -181,7 +181,7 @@ def score_row(args: argparse.Namespace) -> None:
 
 
 def child(args: argparse.Namespace, mode: str, row: str, out: Path, work: Path, model: Path, python: str) -> list[str]:
-    return [python, __file__, f"--{mode}", row, "--out", str(out), "--samples", str(work / "samples.pt"),
+    return [python, str(Path(__file__).resolve()), f"--{mode}", row, "--out", str(out), "--samples", str(work / "samples.pt"),
             "--model-dir", str(model), "--group-size", str(args.group_size), "--threads", str(args.threads),
             "--ppl-windows", str(args.ppl_windows), "--ppl-seqlen", str(args.ppl_seqlen), "--speed-runs", str(args.speed_runs)]
 
@@ -279,7 +279,7 @@ def run_model(name: str, args: argparse.Namespace) -> None:
         if row != "fp32" and (args.memory_limit_mb or "quantize_s" not in entry):
             shutil.rmtree(out, ignore_errors=True)
             measured = run_measured(child(args, "quantize", row, out, work, model, python), env=child_env(args),
-                                    memory_limit_mb=args.memory_limit_mb)
+                                    memory_limit_mb=args.memory_limit_mb, cwd=work)  # GPTQModel writes logs/ into its cwd
             if not measured.ok:
                 print(measured.stderr[-3000:], file=sys.stderr)
             own = last_json(measured.stdout) if measured.ok else {}
