@@ -13,7 +13,7 @@ imported torch, transformers and llmquant::
                     w * b + w * s                 a block in the activation dtype (and its source tensors)
                     + 2 * N * d * b               the block's inputs and outputs
                     + A                           in-flight activations: one batch (replay) or all (single-pass)
-                    + 3 * 4 * i**2                one Hessian and GPTQ's two factors of it
+                    + 2 * 4 * i**2                one Hessian and GPTQ's working copy of it
                     + 4 * 4 * |W|,                the weight being quantized and GPTQ's working copies
                     t * s)
 
@@ -98,5 +98,5 @@ def predict_peak_mb(shapes: Shapes, baseline_mb: float, *, calibration_tokens: i
     N, d, b = calibration_tokens, shapes.hidden, activation_bytes
     in_flight = IN_FLIGHT_WIDTHS * (N if single_pass else batch_tokens) * d * b
     capture = shapes.vocab * d * b + 2 * N * d * b
-    block = w * b + w * s + 2 * N * d * b + in_flight + 12 * shapes.widest_input**2 + 16 * W
+    block = w * b + w * s + 2 * N * d * b + in_flight + 8 * shapes.widest_input**2 + 16 * W
     return baseline_mb + max(capture, block, outside) / MB

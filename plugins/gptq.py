@@ -95,14 +95,15 @@ def _inverse_cholesky(H: Tensor, perm: Tensor | None, dead: Tensor, damp_percent
     """Return the upper Cholesky factor of ``(H' + damp * mean(diag H') * I)^-1``, raising damping on failure.
 
     ``H'`` is `H` in processing order (`perm`) with the diagonal of dead columns set to 1. `H` is
-    not modified: one working copy is factored, inverted and factored again in place, so the peak
-    is `H`, the copy and one LAPACK workspace (three times ``H``; 0.96 GB for an 8960-wide input)
-    instead of a new matrix per step.
+    not modified: one working copy is factored, inverted and factored again in place. The copy is
+    laid out column-major (LAPACK's order; ``H'`` is symmetric, so its transpose view is the same
+    matrix), which lets torch run all three LAPACK calls in it without a workspace copy: the peak
+    is `H` and one copy (0.64 GB for an 8960-wide input) instead of three.
     """
     damp = damp_percent
     info = torch.zeros((), dtype=torch.int32, device=H.device)
     while True:
-        A = H[perm[:, None], perm] if perm is not None else H.clone()
+        A = (H[perm[:, None], perm] if perm is not None else H.clone()).t()  # column-major view, no copy
         A.diagonal()[dead if perm is None else dead[perm]] = 1
         A.diagonal().add_(damp * A.diagonal().mean())
         torch.linalg.cholesky_ex(A, out=(A, info))

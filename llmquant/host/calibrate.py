@@ -16,7 +16,7 @@ and i the widest Linear input::
        + 2 * N * d * b           block inputs and outputs (spilled to disk past --calib-memory)
        + 16 * N * d * b          single-pass only: every batch's in-flight activations, parked
                                  (IN_FLIGHT_WIDTHS, measured on a Llama block); replay: one batch's
-       + 3 * 4 * i**2            one Hessian and GPTQ's two factors of it, float32
+       + 2 * 4 * i**2            one Hessian and GPTQ's working copy of it, float32
        + 4 * 4 * |W|             the float32 weight being quantized and GPTQ's working copies
 
 The embeddings (vocab * d * b) are loaded only while block inputs are captured, before any block.
@@ -77,7 +77,8 @@ class HessianAccumulator:
         self.n += x.numel() // x.shape[-1]
 
     def stats(self) -> CalibrationStats:
-        return CalibrationStats(H=self.total * (2 / max(self.n, 1)), nsamples=self.n)
+        """The Hessian, scaled in place (no second H-sized matrix): call once, the accumulator is spent."""
+        return CalibrationStats(H=self.total.mul_(2 / max(self.n, 1)), nsamples=self.n)
 
 
 def accumulate_hessian(total: Tensor, x: Tensor, tile: int = 512) -> None:

@@ -57,7 +57,7 @@ def test_memory_formula_terms() -> None:
     assert rtn == pytest.approx(500 + 151_936 * 1536 * 4 / MB)  # the embedding copy dominates a block
     N = 64 * 512
     replay = predict_peak_mb(shapes, 500, calibration_tokens=N, batch_tokens=8 * 512)
-    block = 46_797_824 * 6 + 2 * N * 1536 * 2 + 16 * 8 * 512 * 1536 * 2 + 12 * 8960**2 + 16 * 8960 * 1536
+    block = 46_797_824 * 6 + 2 * N * 1536 * 2 + 16 * 8 * 512 * 1536 * 2 + 8 * 8960**2 + 16 * 8960 * 1536
     assert replay == pytest.approx(500 + block / MB)
     single = predict_peak_mb(shapes, 500, calibration_tokens=N, batch_tokens=8 * 512, single_pass=True)
     assert single - replay == pytest.approx(16 * (N - 8 * 512) * 1536 * 2 / MB)

@@ -124,8 +124,8 @@ def peak_mb():
     return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM")) / 1024
 
 torch.manual_seed(0)
-i = 2048
-X = torch.randn(4 * i, i)
+i = 4096  # large enough that LAPACK's and the allocator's fixed buffers are noise
+X = torch.randn(2 * i, i)
 H = X.T @ X
 del X
 W = torch.randn(32, i)
@@ -139,9 +139,10 @@ print((peak_mb() - start) / (i * i * 4 / 2**20), torch.equal(H, before))
 
 @pytest.mark.parametrize("kwargs", ["{}", "{'desc_act': True, 'act_group_aware': False}"])
 def test_hessian_inversion_works_in_one_copy_and_leaves_h_alone(kwargs: str) -> None:
-    """The caller's H, one working copy and one LAPACK workspace (about 2.5 copies measured; 5.8 with a
-    new matrix per step): the Hessian of Qwen2.5-1.5B's down_proj is 321 MB, and six copies of it broke
-    a 2.5 GB budget."""
+    """The caller's H and one working copy, in which the three LAPACK calls run in place (1.2 copies
+    measured beyond the caller's H; 2.2 when the copy was row-major and torch gave each call a
+    column-major workspace; 5.8 with a new matrix per step): the Hessian of Qwen2.5-1.5B's down_proj
+    is 321 MB, and six copies of it broke a 2.5 GB budget."""
     import subprocess
     import sys
     from pathlib import Path
@@ -152,4 +153,4 @@ def test_hessian_inversion_works_in_one_copy_and_leaves_h_alone(kwargs: str) -> 
                           check=True)
     copies, untouched = done.stdout.split()
     assert untouched == "True"
-    assert float(copies) < 3.5, f"gptq_quantize held {copies} Hessian-sized buffers beyond the caller's H"
+    assert float(copies) < 1.5, f"gptq_quantize held {copies} Hessian-sized buffers beyond the caller's H"
