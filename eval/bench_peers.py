@@ -45,8 +45,10 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "gptq-w4-no-act-order": ("llmquant", {"algo": "gptq", "bits": 4, "act_group_aware": False}),
     "nf4": ("llmquant", {"algo": "nf4"}),
     "gptq-w3": ("llmquant", {"algo": "gptq", "bits": 3}),
-    "gptqmodel-gptq-w4": ("gptqmodel", {"bits": 4}),
-    "llmcompressor-gptq-w4": ("llmcompressor", {"modifier": "GPTQModifier"}),
+    "gptqmodel-gptq-w4": ("gptqmodel", {"bits": 4}),  # its default order: act_group_aware, as our gptq-w4
+    "gptqmodel-gptq-w4-no-act-order": ("gptqmodel", {"bits": 4, "act_group_aware": False}),
+    "llmcompressor-gptq-w4": ("llmcompressor", {"modifier": "GPTQModifier"}),  # its default order: actorder "static"
+    "llmcompressor-gptq-w4-no-act-order": ("llmcompressor", {"modifier": "GPTQModifier", "actorder": None}),
     "llmcompressor-rtn-w4": ("llmcompressor", {"modifier": "QuantizationModifier"}),
     "bitsandbytes-nf4": ("bitsandbytes", {}),
 }
@@ -90,7 +92,8 @@ def _gptqmodel(args: argparse.Namespace, settings: dict[str, Any], samples: Any)
     from gptqmodel import GPTQModel, QuantizeConfig
 
     def job() -> None:
-        config = QuantizeConfig(bits=settings["bits"], group_size=args.group_size, sym=True, desc_act=False, damp_percent=0.01)
+        config = QuantizeConfig(bits=settings["bits"], group_size=args.group_size, sym=True, desc_act=False, damp_percent=0.01,
+                                act_group_aware=settings.get("act_group_aware", True))
         model = GPTQModel.load(args.model, config)
         model.quantize([{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples])
         model.save(args.out)
@@ -106,7 +109,8 @@ def _llmcompressor(args: argparse.Namespace, settings: dict[str, Any], samples: 
     def job() -> None:
         scheme = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
                                                                  "strategy": "group", "group_size": args.group_size}}}
-        recipe = getattr(modifiers, settings["modifier"])(config_groups=scheme, ignore=["lm_head"])
+        order = {"actorder": settings["actorder"]} if "actorder" in settings else {}  # absent: the modifier's default
+        recipe = getattr(modifiers, settings["modifier"])(config_groups=scheme, ignore=["lm_head"], **order)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         kwargs: dict[str, Any] = {}
@@ -137,6 +141,24 @@ def _bitsandbytes(args: argparse.Namespace, settings: dict[str, Any], samples: A
 
 # ---------------------------------------------------------------- child: score one output
 
+LLMQUANT_RUNTIME = "llmquant int4 kernel"
+
+
+def decode_runtime(row: str) -> str:
+    """The runtime a CPU user of this output would decode with: llmquant's own int4 kernel for its
+    4-bit GPTQ files, and the loader the format was written for otherwise (our NF4 files are
+    bitsandbytes files; 3-bit GPTQ files are what GPTQModel's torch kernel serves)."""
+    if row == "fp32":
+        return "transformers"
+    tool, settings = ROWS[row]
+    if tool == "llmquant":
+        if settings["algo"] == "nf4":
+            return "transformers + bitsandbytes"
+        return LLMQUANT_RUNTIME if settings.get("bits") == 4 else "transformers + gptqmodel"
+    return {"gptqmodel": "transformers + gptqmodel", "llmcompressor": "transformers + compressed-tensors",
+            "bitsandbytes": "transformers + bitsandbytes"}[tool]
+
+
 
 def score_row(args: argparse.Namespace) -> None:
     """Perplexity (float32, common runtime) and decode speed (user's runtime, bf16) of one output."""
@@ -153,13 +175,16 @@ def score_row(args: argparse.Namespace) -> None:
     path = Path(args.out)
     ids = AutoTokenizer.from_pretrained(path)(wikitext_path().read_text(), return_tensors="pt").input_ids[0]
 
+    runtime = decode_runtime(args.row)
+
     def load(dtype: torch.dtype, user: bool) -> Any:
-        if tool in ("original", "bitsandbytes") or (user and tool in ("gptqmodel", "llmcompressor")):
+        if tool in ("original", "bitsandbytes") or (user and runtime != LLMQUANT_RUNTIME):
             return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu")
         return load_quantized(path, dtype=dtype)
 
     model = load(torch.float32, user=False).eval()
-    result: dict[str, Any] = {"perplexity": perplexity(model, ids, args.ppl_seqlen, args.ppl_windows, progress=True).perplexity}
+    result: dict[str, Any] = {"perplexity": perplexity(model, ids, args.ppl_seqlen, args.ppl_windows, progress=True).perplexity,
+                              "decode_runtime": runtime}
     speed_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16} if tool == "original" else {"": torch.bfloat16}
     print(json.dumps(result), flush=True)  # perplexity is kept even if the speed run fails
     for label, dtype in speed_dtypes.items():

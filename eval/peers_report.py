@@ -51,23 +51,23 @@ def markdown_table(results: dict[str, Any]) -> str:
     peer_gptq = rows.get("gptqmodel-gptq-w4", {}).get("quantize_s")
     read = settings.get("read_mb_s")
     notes: list[str] = []
-    lines = ["| row | perplexity | vs fp32 | quantize s | vs GPTQModel GPTQ | weights MB/s (vs raw read) | peak RSS / anon MB | predicted MB | disk MB | decode tok/s | vs fp32 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | perplexity | vs fp32 | quantize s | vs GPTQModel GPTQ | weights MB/s (vs raw read) | peak RSS / anon MB | predicted MB | disk MB | decode tok/s | vs fp32 | decode runtime |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         if name == "fp32":
             cells = [_num(ppl0, 2), "1.000", "-", "-", "-", "-", "-", _num(settings.get("checkpoint_mb")),
-                     f"{_num(decode0, 1)} (bf16 {_num(row.get('decode_tok_s_bf16'), 1)})", "1.00x"]
+                     f"{_num(decode0, 1)} (bf16 {_num(row.get('decode_tok_s_bf16'), 1)})", "1.00x", row.get("decode_runtime", "-")]
         elif "error" in row:
-            cells = [f"failed: {row['error']}", *["-"] * 5, _num(row.get("sampled_peak_rss_mb")) + " (sampled)", *["-"] * 4]
+            cells = [f"failed: {row['error']}", *["-"] * 5, _num(row.get("sampled_peak_rss_mb")) + " (sampled)", *["-"] * 5]
         else:
             ppl, seconds, decode = row.get("perplexity"), row.get("quantize_s"), row.get("decode_tok_s")
             gptq = name.startswith(("gptq-w4", "gptqmodel-gptq", "llmcompressor-gptq"))
             cells = [_num(ppl, 2), f"{ppl / ppl0:.3f}" if ppl and ppl0 else "-", _num(seconds, 1),
                      f"{seconds / peer_gptq:.2f}x" if gptq and seconds and peer_gptq else "-",
-                     f"{row['mb_s']:.0f} ({row['mb_s'] / read:.2f}x read)" if row.get("mb_s") and read else "-",
+                     f"{row['mb_s']:.0f} ({row['mb_s'] / read:.2g}x read)" if row.get("mb_s") and read else "-",
                      f"{_num(row.get('peak_rss_mb'))} / {_num(row.get('sampled_peak_anon_mb'))}",
                      _num(predicted_mb(name, settings)), _num(row.get("disk_mb")),
-                     _num(decode, 1), f"{decode / decode0:.2f}x" if decode and decode0 else "-"]
+                     _num(decode, 1), f"{decode / decode0:.2f}x" if decode and decode0 else "-", row.get("decode_runtime", "-")]
         mark = f" [{len(notes) + 1}]" if row.get("note") else ""
         if mark:
             notes.append(f"[{len(notes) + 1}] {name}: {row['note']}")
