@@ -107,6 +107,16 @@ def test_score_child_reports_perplexity_and_decode_speed(tiny_llama: Path, tmp_p
         assert 1 < result["perplexity"] < 10_000
         speeds = ["decode_tok_s"] if row != "fp32" else ["decode_tok_s_fp32", "decode_tok_s_bf16"]
         assert all(result[key] > 0 for key in speeds), result
+        assert result["decode_runtime"] == ("transformers" if row == "fp32" else "llmquant int4 kernel")
+
+
+def test_each_output_decodes_in_the_runtime_its_format_was_written_for() -> None:
+    from eval.bench_peers import LLMQUANT_RUNTIME, decode_runtime
+
+    assert decode_runtime("gptq-w4") == decode_runtime("rtn-w4") == LLMQUANT_RUNTIME
+    assert decode_runtime("nf4") == decode_runtime("bitsandbytes-nf4") == "transformers + bitsandbytes"
+    assert decode_runtime("gptq-w3") == decode_runtime("gptqmodel-gptq-w4") == "transformers + gptqmodel"
+    assert decode_runtime("llmcompressor-gptq-w4-no-act-order") == "transformers + compressed-tensors"
 
 
 def _results(model: str, params: float, gptq_s: float, peer_s: float) -> dict:
@@ -115,7 +125,7 @@ def _results(model: str, params: float, gptq_s: float, peer_s: float) -> dict:
                 "threads": 2, "machine": "x86_64, 2 cpus", "torch": "2.13.0", "read_mb_s": 900.0, "baseline_mb": 500.0}
     rows = {"fp32": {"perplexity": 20.0, "decode_tok_s_fp32": 10.0, "decode_tok_s_bf16": 15.0},
             "gptq-w4": {"perplexity": 22.0, "quantize_s": gptq_s, "peak_rss_mb": 600.0, "sampled_peak_anon_mb": 550.0,
-                        "disk_mb": 100.0, "mb_s": 3.0, "decode_tok_s": 20.0},
+                        "disk_mb": 100.0, "mb_s": 3.0, "decode_tok_s": 20.0, "decode_runtime": "llmquant int4 kernel"},
             "gptqmodel-gptq-w4": {"perplexity": 23.0, "quantize_s": peer_s, "peak_rss_mb": 1200.0, "disk_mb": 90.0,
                                   "mb_s": 1.0, "decode_tok_s": 11.0, "note": "timed on a busy machine"},
             "llmcompressor-gptq-w4": {"error": "killed by the 2560 MiB memory limit after 12 s", "sampled_peak_rss_mb": 2400.0}}
@@ -136,7 +146,8 @@ def test_readme_section_is_rebuilt_from_results_alone(tmp_path: Path) -> None:
     readme = (tmp_path / "README.md").read_text()
     assert readme.startswith("# title\n\nbefore\n\n") and readme.endswith(f"{END}\n\nafter\n") and "old table" not in readme
     assert readme.index("#### smollm2") < readme.index("#### gemma3")  # model order: smallest first
-    assert "| gptq-w4 | 22.00 | 1.100 | 50.0 | 0.50x | 3 (0.00x read) | 600 / 550 | - | 100 | 20.0 | 2.00x |" in readme
+    assert ("| gptq-w4 | 22.00 | 1.100 | 50.0 | 0.50x | 3 (0.0033x read) | 600 / 550 | - | 100 | 20.0 | 2.00x "
+            "| llmquant int4 kernel |") in readme
     assert "| gptqmodel-gptq-w4 [1] | 23.00 |" in readme and "\n[1] gptqmodel-gptq-w4: timed on a busy machine\n" in readme
     assert "| llmcompressor-gptq-w4 | failed: killed by the 2560 MiB memory limit after 12 s |" in readme
     assert "| gptq-w4 | 2560 | finished | 61 | 2100 | 2000 |" in readme
