@@ -43,6 +43,14 @@ def predicted_mb(name: str, settings: dict[str, Any]) -> float | None:
                            single_pass=single)
 
 
+def in_matrix_order(rows: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Rows in the benchmark's order (fp32, llmquant's, the peers'), whatever order they were run in."""
+    from eval.bench_peers import ROWS
+
+    order = {name: i for i, name in enumerate(["fp32", *ROWS])}
+    return sorted(rows.items(), key=lambda item: order.get(item[0], len(order)))
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """One model's rows: quality, cost of quantizing, and what the output costs to run."""
     rows, settings = results["rows"], results["settings"]
@@ -53,7 +61,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     notes: list[str] = []
     lines = ["| row | perplexity | vs fp32 | quantize s | vs GPTQModel GPTQ | weights MB/s (vs raw read) | peak RSS / anon MB | predicted MB | disk MB | decode tok/s | vs fp32 | decode runtime |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, row in rows.items():
+    for name, row in in_matrix_order(rows):
         if name == "fp32":
             cells = [_num(ppl0, 2), "1.000", "-", "-", "-", "-", "-", _num(settings.get("checkpoint_mb")),
                      f"{_num(decode0, 1)} (bf16 {_num(row.get('decode_tok_s_bf16'), 1)})", "1.00x", row.get("decode_runtime", "-")]
@@ -81,7 +89,7 @@ def limit_table(results: dict[str, Any]) -> str:
     if not runs:
         return ""
     lines = ["| row | hard limit MiB | result | wall s | peak RSS MB | peak anon MB (sampled) |", "|---|---|---|---|---|---|"]
-    for name, run in runs.items():
+    for name, run in in_matrix_order(runs):
         result = "finished" if run["finished"] else run.get("error", "failed")
         lines.append(f"| {name} | {run['limit_mb']:.0f} | {result} | {run['wall_s']:.0f} | {_num(run.get('peak_rss_mb'))} | "
                      f"{_num(run.get('sampled_peak_anon_mb'))} |")
