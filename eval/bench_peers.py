@@ -159,7 +159,6 @@ def decode_runtime(row: str) -> str:
             "bitsandbytes": "transformers + bitsandbytes"}[tool]
 
 
-
 def score_row(args: argparse.Namespace) -> None:
     """Perplexity (float32, common runtime) and decode speed (user's runtime, bf16) of one output."""
     import torch
