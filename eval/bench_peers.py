@@ -40,13 +40,15 @@ CALIB_SAMPLES, CALIB_SEQLEN = 64, 512
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "rtn-w4": ("llmquant", {"algo": "rtn", "bits": 4}),
     "groupwise-w4": ("llmquant", {"algo": "groupwise-int4", "bits": 4}),
-    "gptq-w4": ("llmquant", {"algo": "gptq", "bits": 4}),
+    "gptq-w4": ("llmquant", {"algo": "gptq", "bits": 4}),  # clipping search (mse) on, our default
+    "gptq-w4-no-mse": ("llmquant", {"algo": "gptq", "bits": 4, "mse": False}),  # plain min-max, the peers' default
     "gptq-w4-desc-act": ("llmquant", {"algo": "gptq", "bits": 4, "desc_act": True, "act_group_aware": False}),
     "gptq-w4-no-act-order": ("llmquant", {"algo": "gptq", "bits": 4, "act_group_aware": False}),
     "nf4": ("llmquant", {"algo": "nf4"}),
     "gptq-w3": ("llmquant", {"algo": "gptq", "bits": 3}),
     "gptqmodel-gptq-w4": ("gptqmodel", {"bits": 4}),  # its default order: act_group_aware, as our gptq-w4
     "gptqmodel-gptq-w4-no-act-order": ("gptqmodel", {"bits": 4, "act_group_aware": False}),
+    "gptqmodel-gptq-w4-mse": ("gptqmodel", {"bits": 4, "mse": 2.0}),  # its clipping search, squared error as ours
     "llmcompressor-gptq-w4": ("llmcompressor", {"modifier": "GPTQModifier"}),  # its default order: actorder "static"
     "llmcompressor-gptq-w4-no-act-order": ("llmcompressor", {"modifier": "GPTQModifier", "actorder": None}),
     "llmcompressor-rtn-w4": ("llmcompressor", {"modifier": "QuantizationModifier"}),
@@ -93,7 +95,7 @@ def _gptqmodel(args: argparse.Namespace, settings: dict[str, Any], samples: Any)
 
     def job() -> None:
         config = QuantizeConfig(bits=settings["bits"], group_size=args.group_size, sym=True, desc_act=False, damp_percent=0.01,
-                                act_group_aware=settings.get("act_group_aware", True))
+                                act_group_aware=settings.get("act_group_aware", True), mse=settings.get("mse", 0.0))
         model = GPTQModel.load(args.model, config)
         model.quantize([{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples])
         model.save(args.out)

