@@ -36,7 +36,7 @@ from llmquant.host.calibration_data import CalibrationConfig, load_calibration
 from llmquant.host.checkpoint import Checkpoint
 from llmquant.host.output import OutputFolder
 from llmquant.host.resume import PartialRun, disk_full_error, fingerprint_run
-from llmquant.io.shards import ShardWriter, parse_size
+from llmquant.io.shards import ShardWriter, header_bound, parse_size
 from llmquant.plugins import AlgorithmEntry, Plugins
 from llmquant.uniform import check_groups
 
@@ -251,16 +251,21 @@ def _keys_by_block(job: _Job) -> dict[int, list[str]]:
 
 def _assemble(job: _Job, partial: PartialRun, folder: Path) -> list[ModuleRecord]:
     """Stream every stored block, then the tensors outside the blocks, into the final shards."""
-    writer = ShardWriter(folder, parse_size(job.config.max_shard_size), metadata={"quantizer": "llmquant"})
+    blocks = [partial.block_tensors(index) for index in range(job.plan.layout.count)]
+    outside = _keys_by_block(job).get(-1, [])
+    metadata = {"quantizer": "llmquant"}
+    names = [(name, len(reader.infos[name].shape)) for reader, order in blocks for name in order]
+    names += [(key, len(job.checkpoint.infos[key].shape)) for key in outside]
+    # every name is known now, so each shard's header gets its room up front and no byte is written twice
+    writer = ShardWriter(folder, parse_size(job.config.max_shard_size), metadata, header_reserve=header_bound(names, metadata))
     records: list[ModuleRecord] = []
-    for index in range(job.plan.layout.count):
-        reader, order = partial.block_tensors(index)
+    for index, (reader, order) in enumerate(blocks):
         for name in order:
             writer.add(name, reader[name])
         records.extend(partial.block_records(index))
         return_freed_memory(collect=False)
     fault_point("assemble")
-    for key in _keys_by_block(job).get(-1, []):
+    for key in outside:
         writer.add(key, job.read(key))
     writer.close()
     fault_point("shards-written")

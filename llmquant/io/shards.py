@@ -1,11 +1,13 @@
 """Write safetensors shards one tensor at a time, so memory holds one tensor, not one shard.
 
 safetensors files are ``u64 header length | JSON header | data``, and the header lists every
-tensor's byte offsets, so a file cannot be written before all its tensors are known. Each
-shard's data therefore streams into a side file first; when the shard closes, the header is
-written and the data copied behind it. Shards are named as ``save_pretrained`` names them
-(``model.safetensors``, or ``model-00001-of-00003.safetensors`` with
-``model.safetensors.index.json``).
+tensor's byte offsets, so a file cannot be finished before all its tensors are known. Data
+streams into the shard behind a reserved gap (`header_reserve` bytes); when the shard closes,
+its header is written into the gap, padded with spaces as the format allows, and the file is
+renamed into place: every byte is written once. A header that does not fit the gap (or a
+writer with no reserve) falls back to writing the header to a new file and copying the data
+behind it. Shards are named as ``save_pretrained`` names them (``model.safetensors``, or
+``model-00001-of-00003.safetensors`` with ``model.safetensors.index.json``).
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import os
 import shutil
 import struct
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
 
-__all__ = ["DTYPE_NAMES", "ShardWriter", "parse_size"]
+__all__ = ["DTYPE_NAMES", "ShardWriter", "header_bound", "parse_size"]
 
 DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -44,10 +47,11 @@ def parse_size(text: str | int) -> int:
 
 
 class _Shard:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, header_reserve: int) -> None:
         self.path = path
-        self.data_path = path.with_name(path.name + ".data")
-        self.data: BinaryIO = open(self.data_path, "wb")
+        self.reserve = header_reserve + -header_reserve % 8  # data stays 8-byte aligned
+        self.data: BinaryIO = open(path, "wb")
+        self.data.seek(8 + self.reserve)
         self.header: dict[str, Any] = {}
         self.size = 0
 
@@ -64,14 +68,29 @@ class _Shard:
         self.size += raw.nbytes
 
     def close(self, final_path: Path, metadata: dict[str, str]) -> None:
-        self.data.close()
         header = json.dumps({"__metadata__": metadata, **self.header}, separators=(",", ":")).encode()
+        if len(header) <= self.reserve:
+            self.data.seek(0)
+            self.data.write(struct.pack("<Q", self.reserve) + header.ljust(self.reserve))
+            self.data.close()
+            os.replace(self.path, final_path)
+            return
+        self.data.close()
         header += b" " * (-len(header) % 8)
-        with open(final_path, "wb") as out, open(self.data_path, "rb") as data:
+        with open(final_path, "wb") as out, open(self.path, "rb") as data:
             out.write(struct.pack("<Q", len(header)))
             out.write(header)
+            data.seek(8 + self.reserve)
             shutil.copyfileobj(data, out, 16 * 2**20)
-        os.remove(self.data_path)
+        os.remove(self.path)
+
+
+def header_bound(names: Iterable[tuple[str, int]], metadata: dict[str, str] | None = None) -> int:
+    """Bytes that surely hold a safetensors header listing `names` (``(name, ndim)`` pairs):
+    for `ShardWriter`'s `header_reserve` when the tensors to write are known in advance."""
+    fixed = len(json.dumps({"__metadata__": {"format": "pt", **(metadata or {})}})) + 2
+    # "name":{"dtype":"BF16","shape":[...],"data_offsets":[a,b]}, with every number up to 20 digits
+    return fixed + sum(len(json.dumps(name)) + 48 + 21 * max(ndim, 1) + 42 for name, ndim in names)
 
 
 class ShardWriter:
@@ -83,8 +102,10 @@ class ShardWriter:
         >>> files = writer.close()
     """
 
-    def __init__(self, folder: Path, max_shard_size: int, metadata: dict[str, str] | None = None) -> None:
+    def __init__(self, folder: Path, max_shard_size: int, metadata: dict[str, str] | None = None,
+                 header_reserve: int = 0) -> None:
         self.folder = Path(folder)
+        self.header_reserve = header_reserve
         self.max_shard_size = max_shard_size
         self.metadata = {"format": "pt", **(metadata or {})}
         self.shards: list[_Shard] = []
@@ -97,7 +118,7 @@ class ShardWriter:
         if current is None or (current.size and current.size + nbytes > self.max_shard_size):
             if current is not None:
                 current.data.flush()
-            current = _Shard(self.folder / f"shard-{len(self.shards) + 1:05d}.partial")
+            current = _Shard(self.folder / f"shard-{len(self.shards) + 1:05d}.partial", self.header_reserve)
             self.shards.append(current)
         current.add(name, tensor)
         self.total_size += nbytes
@@ -115,7 +136,7 @@ class ShardWriter:
         else:
             names = [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
         if not self.shards:
-            self.shards.append(_Shard(self.folder / "shard-00001.partial"))
+            self.shards.append(_Shard(self.folder / "shard-00001.partial", self.header_reserve))
         weight_map: dict[str, str] = {}
         for shard, name in zip(self.shards, names):
             shard.close(self.folder / name, self.metadata)

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llmquant.host.checkpoint import Checkpoint
-from llmquant.io.shards import ShardWriter, parse_size
+from llmquant.io.shards import ShardWriter, header_bound, parse_size
 
 TENSORS = {
     "a.weight": torch.randn(7, 5),
@@ -62,3 +62,62 @@ def test_parse_size(text: str | int, size: int) -> None:
 def test_parse_size_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="2GB"):
         parse_size("lots")
+
+
+def _names(tensors: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
+    return [(name, t.dim()) for name, t in tensors.items()]
+
+
+def test_reserved_header_writes_each_byte_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With room for the header reserved up front, shards are finished in place: no data copy,
+    and the padded header is one that safetensors, our reader and transformers' loader all accept."""
+    import shutil
+
+    def no_copy(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the data was copied")
+
+    monkeypatch.setattr(shutil, "copyfileobj", no_copy)
+    writer = ShardWriter(tmp_path, max_shard_size=10**9, header_reserve=header_bound(_names(TENSORS)))
+    for name, tensor in TENSORS.items():
+        writer.add(name, tensor)
+    assert writer.close() == ["model.safetensors"]
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    header_length = int.from_bytes(raw[:8], "little")
+    assert header_length % 8 == 0 and raw[8 + header_length - 1:8 + header_length] == b" "
+    assert len(raw) == 8 + header_length + sum(t.numel() * t.element_size() for t in TENSORS.values())
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        for name, tensor in TENSORS.items():
+            assert torch.equal(f.get_tensor(name), tensor)
+    checkpoint = Checkpoint(tmp_path)
+    assert all(torch.equal(checkpoint[name], tensor) for name, tensor in TENSORS.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_a_header_past_the_reserve_falls_back_to_copying(tmp_path: Path) -> None:
+    writer = ShardWriter(tmp_path, max_shard_size=200, header_reserve=16)
+    for i in range(3):
+        writer.add(f"t{i}", torch.full((30,), float(i)))
+    writer.close()
+    checkpoint = Checkpoint(tmp_path)
+    assert [float(checkpoint[f"t{i}"][0]) for i in range(3)] == [0.0, 1.0, 2.0]
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_header_bound_holds_for_long_names_and_huge_shapes() -> None:
+    import json as json_
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        count = int(torch.randint(1, 40, (1,), generator=g))
+        header = {"__metadata__": {"format": "pt", "quantizer": "llmquant"}}
+        names = []
+        offset = 0
+        for i in range(count):
+            name = "model.layers." + "x" * int(torch.randint(0, 200, (1,), generator=g)) + f".{i}\u00e9\"q"
+            ndim = int(torch.randint(0, 5, (1,), generator=g))
+            shape = [2**62 + i] * ndim
+            header[name] = {"dtype": "BOOL", "shape": shape, "data_offsets": [offset, offset + 2**63 - 1]}
+            offset += 2**40
+            names.append((name, ndim))
+        size = len(json_.dumps(header, separators=(",", ":")).encode())
+        assert size <= header_bound(names, {"quantizer": "llmquant"})
