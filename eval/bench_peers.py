@@ -40,7 +40,8 @@ CALIB_SAMPLES, CALIB_SEQLEN = 64, 512
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "rtn-w4": ("llmquant", {"algo": "rtn", "bits": 4}),
     "groupwise-w4": ("llmquant", {"algo": "groupwise-int4", "bits": 4}),
-    "gptq-w4": ("llmquant", {"algo": "gptq", "bits": 4}),  # clipping search (mse) on, our default
+    "gptq-w4": ("llmquant", {"algo": "gptq", "bits": 4}),  # our default: clipping search weighted as GPTQ's objective
+    "gptq-w4-mse-unweighted": ("llmquant", {"algo": "gptq", "bits": 4, "mse_weight": "none"}),  # the reference's search
     "gptq-w4-no-mse": ("llmquant", {"algo": "gptq", "bits": 4, "mse": False}),  # plain min-max, the peers' default
     "gptq-w4-desc-act": ("llmquant", {"algo": "gptq", "bits": 4, "desc_act": True, "act_group_aware": False}),
     "gptq-w4-no-act-order": ("llmquant", {"algo": "gptq", "bits": 4, "act_group_aware": False}),

@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="visit columns in index order instead of whole groups by importance")
     g.add_argument("--mse", action=argparse.BooleanOptionalAction, default=None,
                    help="search each group's clipping ratio for the lowest error (default on; --no-mse: plain min-max)")
+    g.add_argument("--mse-weight", choices=["hessian", "none"],
+                   help="weigh each column's error in that search as GPTQ's objective does (hessian, default) or not (none)")
     n = q.add_argument_group("nf4")
     n.add_argument("--blocksize", type=int, help="weights per absmax block, 32..4096 (default 64)")
     n.add_argument("--double-quant", action="store_true", default=None,
@@ -142,7 +144,7 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         **{k: getattr(args, k) for k in (
             "calib", "calib_samples", "calib_seqlen", "calib_split", "calib_column", "calib_config", "calib_chat_template",
             "calib_batch_size", "calib_dtype", "calib_memory", "calib_mode", "seed", "damp_percent", "desc_act", "static_groups",
-            "act_group_aware", "mse", "blocksize", "double_quant", "codebook")},
+            "act_group_aware", "mse", "mse_weight", "blocksize", "double_quant", "codebook")},
     }
     settings.update({k: v for k, v in flags.items() if v is not None})
     if args.per_channel:
