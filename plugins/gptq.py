@@ -55,8 +55,8 @@ class GPTQConfig(UniformConfig):
             ``1 / Hinv[j, j]**2``, what GPTQ's own objective charges for rounding column j
             (Algorithm 1's ``err / d``; the columns its inputs drive hardest count most); "none"
             unweighted, as the reference's ``--mse`` does. Measured at 4 bits, group 64/128:
-            SmolLM2-135M 26.04 (min-max) / 25.44 (unweighted) / 24.15 (hessian), Gemma-3-270M
-            30.66 / 29.66 / 29.78 (eval/results/peers_*.json).
+            SmolLM2-135M 26.04 (min-max) / 25.44 (unweighted) / 24.35 (hessian), Gemma-3-270M
+            30.66 / 29.66 / 30.12 (eval/results/peers_*.json).
         block_size: columns per lazy batch update.
     """
 
