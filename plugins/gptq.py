@@ -116,7 +116,7 @@ def _best_shrink(W: Tensor, xmin: Tensor, xmax: Tensor, shrinks: Tensor, bits: i
     best = torch.full_like(xmin, float("inf"), dtype=torch.float32)
     chosen = torch.ones_like(best)
     step = max(1, _SEARCH_ELEMENTS // W.numel())
-    for batch in shrinks.split(step):
+    for batch in torch.split(shrinks, step):
         s, z = minmax_params(xmin * batch, xmax * batch, bits, symmetric)  # (k, rows)
         s = to_stored_precision(s)
         q = quantize_to_codes(W, s[..., None], z[..., None], bits).float()
