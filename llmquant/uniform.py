@@ -21,12 +21,14 @@ from llmquant.errors import ConfigError, ShapeError
 __all__ = [
     "SUPPORTED_BITS",
     "UniformConfig",
+    "best_clip",
     "check_groups",
     "dequantize_codes",
     "group_index",
     "minmax_params",
     "minmax_quantize",
     "quantize_to_codes",
+    "quantization_error",
     "to_stored_precision",
 ]
 
@@ -135,6 +137,44 @@ def quantize_to_codes(W: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tens
 def dequantize_codes(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     """Return float32 ``scale * (codes - zero)``; scale/zero broadcast to codes."""
     return (codes.float() - zero.float()) * scale
+
+
+def quantization_error(W: Tensor, scale: Tensor, zero: Tensor, bits: int, weight: Tensor | None = None,
+                       norm: float = 2.0) -> Tensor:
+    """Return ``sum(weight * |dequantize(quantize(W)) - W| ** norm)`` over W's last dimension.
+
+    ``scale`` and ``zero`` broadcast to ``W`` (leading candidate dimensions included); ``weight``
+    broadcasts to the error, e.g. ``(cols,)`` per column or W's shape per element.
+    """
+    zero_f = zero.float()
+    err = quantize_to_codes(W, scale, zero, bits).float().sub_(zero_f).mul_(scale).sub_(W)
+    err = err.pow_(2) if norm == 2 else err.abs_().pow_(norm)
+    return (err if weight is None else err.mul_(weight)).sum(dim=-1)
+
+
+def best_clip(W: Tensor, xmin: Tensor, xmax: Tensor, ratios: Tensor, bits: int, symmetric: bool,
+              weight: Tensor | None = None, norm: float = 2.0, max_elements: int = 1 << 22) -> tuple[Tensor, Tensor]:
+    """Return each row's lowest `quantization_error` over clipping ratios, and the ratio that reaches it.
+
+    Row ``r`` of ``W: (rows, cols)`` is quantized on the min-max grid of ``[xmin[r], xmax[r]] * ratio``
+    (scale rounded as stored) for each candidate ``ratios[:, r]`` (``ratios: (k, rows)``); ties go to
+    the earlier candidate. Candidates are evaluated a batch at a time, at most `max_elements`
+    errors at once, so memory stays bounded for any k.
+
+    Returns:
+        (error, ratio), both ``(rows,)`` float32.
+    """
+    W = W.float()
+    best = torch.full(xmin.shape, float("inf"), dtype=torch.float32, device=W.device)
+    chosen = torch.ones_like(best)
+    for batch in torch.split(ratios, max(1, max_elements // W.numel())):
+        scale, zero = minmax_params(xmin * batch, xmax * batch, bits, symmetric)  # (b, rows)
+        err = quantization_error(W, to_stored_precision(scale)[..., None], zero[..., None], bits, weight, norm)
+        lowest, at = err.min(dim=0)
+        better = lowest < best
+        best = torch.where(better, lowest, best)
+        chosen = torch.where(better, batch.gather(0, at[None]).squeeze(0), chosen)
+    return best, chosen
 
 
 def minmax_quantize(W: Tensor, bits: int, group_size: int | None, symmetric: bool) -> UniformQuantized:

@@ -32,7 +32,7 @@ from torch import Tensor
 from llmquant import hookimpl
 from llmquant.algorithm import Algorithm, CalibrationStats, UniformQuantized
 from llmquant.errors import ConfigError, LlmquantError, ShapeError
-from llmquant.uniform import UniformConfig, check_groups, minmax_params, quantize_to_codes, to_stored_precision
+from llmquant.uniform import UniformConfig, best_clip, check_groups, minmax_params, quantize_to_codes, to_stored_precision
 
 __all__ = ["GPTQ", "GPTQConfig", "gptq_quantize", "find_params"]
 
@@ -100,34 +100,13 @@ def find_params(W: Tensor, bits: int, symmetric: bool, mse: bool, column_weight:
     if not mse:
         return scale, zero
     W = W.float()
-    rows = W.shape[0]
-    coarse = _COARSE.to(W.device)[:, None].expand(-1, rows)
-    err, shrink = _best_shrink(W, xmin, xmax, coarse, bits, symmetric, column_weight)
+    coarse = _COARSE.to(W.device)[:, None].expand(-1, W.shape[0])
+    err, shrink = best_clip(W, xmin, xmax, coarse, bits, symmetric, column_weight, max_elements=_SEARCH_ELEMENTS)
     fine = (shrink[None] + _FINE.to(W.device)[:, None]).clamp(0.2, 1.0)
-    fine_err, fine_shrink = _best_shrink(W, xmin, xmax, fine, bits, symmetric, column_weight)
+    fine_err, fine_shrink = best_clip(W, xmin, xmax, fine, bits, symmetric, column_weight, max_elements=_SEARCH_ELEMENTS)
     shrink = torch.where(fine_err < err, fine_shrink, shrink)
     scale, zero = minmax_params(xmin * shrink, xmax * shrink, bits, symmetric)
     return to_stored_precision(scale), zero
-
-
-def _best_shrink(W: Tensor, xmin: Tensor, xmax: Tensor, shrinks: Tensor, bits: int, symmetric: bool,
-                 column_weight: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Return each row's lowest squared error over the candidate factors ``shrinks: (k, rows)``
-    and the factor that reaches it (the first on ties), evaluating a bounded batch at a time."""
-    best = torch.full_like(xmin, float("inf"), dtype=torch.float32)
-    chosen = torch.ones_like(best)
-    step = max(1, _SEARCH_ELEMENTS // W.numel())
-    for batch in torch.split(shrinks, step):
-        s, z = minmax_params(xmin * batch, xmax * batch, bits, symmetric)  # (k, rows)
-        s = to_stored_precision(s)
-        q = quantize_to_codes(W, s[..., None], z[..., None], bits).float()
-        err = q.sub_(z[..., None]).mul_(s[..., None]).sub_(W).pow_(2)
-        err = (err if column_weight is None else err.mul_(column_weight)).sum(dim=2)
-        lowest, at = err.min(dim=0)
-        better = lowest < best
-        best = torch.where(better, lowest, best)
-        chosen = torch.where(better, batch.gather(0, at[None]).squeeze(0), chosen)
-    return best, chosen
 
 
 def _inverse_cholesky(H: Tensor, perm: Tensor | None, dead: Tensor, damp_percent: float, name: str) -> Tensor:

@@ -34,7 +34,10 @@ from torch import Tensor
 from llmquant import hookimpl
 from llmquant.algorithm import Algorithm, CalibrationStats, UniformQuantized
 from llmquant.errors import ConfigError
-from llmquant.uniform import UniformConfig, check_groups, group_index, minmax_params, quantize_to_codes, to_stored_precision
+from llmquant.uniform import (
+    UniformConfig, best_clip, check_groups, group_index, minmax_params, quantization_error, quantize_to_codes,
+    to_stored_precision,
+)
 
 __all__ = ["GroupwiseConfig", "GroupwiseInt4", "groupwise_search"]
 
@@ -71,19 +74,10 @@ class GroupwiseConfig(UniformConfig):
             raise ConfigError("weight_power", self.weight_power, "an exponent >= 0 of |w| weighting each weight's error")
 
 
-def _error(Wg: Tensor, scale: Tensor, zero: Tensor, bits: int, norm: float = 2.0, importance: Tensor | None = None) -> Tensor:
-    """Return ``sum importance * |error|**norm`` per group of groups ``Wg: (N, size)`` on (N, 1) scale/zero."""
-    zero_f = zero.float()
-    q = torch.round(Wg / scale).add_(zero_f).clamp_(0, 2**bits - 1)
-    err = q.sub_(zero_f).mul_(scale).sub_(Wg)
-    err = err.pow_(2) if norm == 2 else err.abs_().pow_(norm)
-    return (err if importance is None else err.mul_(importance)).sum(dim=1)
-
-
 def _keep_better(Wg: Tensor, scale: Tensor, zero: Tensor, bits: int, norm: float, importance: Tensor | None,
                  current: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Return (scale, zero, error), taking the candidate scale/zero where they lower a group's error."""
-    err = _error(Wg, scale, zero, bits, norm, importance)
+    err = quantization_error(Wg, scale, zero, bits, importance, norm)
     old_scale, old_zero, old_err = current
     better = err < old_err
     row = better.unsqueeze(1)
@@ -116,15 +110,15 @@ def groupwise_search(W: Tensor, config: GroupwiseConfig) -> UniformQuantized:
     bits, symmetric = config.bits, config.symmetric
     Wg = W.float().reshape(-1, size)
     xmin, xmax = Wg.amin(dim=1, keepdim=True), Wg.amax(dim=1, keepdim=True)
-    scale, zero = minmax_params(xmin, xmax, bits, symmetric)
-    scale = to_stored_precision(scale)
     norm = float(config.norm)
     importance = Wg.abs().pow(config.weight_power) if config.weight_power else None
-    best = _error(Wg, scale, zero, bits, norm, importance)
-    ratios = torch.linspace(1 - config.max_shrink, 1, config.grid + 1)[:-1].tolist() if config.grid else []
-    for ratio in ratios:
-        s, z = minmax_params(xmin * ratio, xmax * ratio, bits, symmetric)
-        scale, zero, best = _keep_better(Wg, to_stored_precision(s), z, bits, norm, importance, (scale, zero, best))
+    # min-max first, so a group keeps it unless a clipped range is strictly better
+    ratios = torch.cat([torch.ones(1), torch.linspace(1 - config.max_shrink, 1, config.grid + 1)[:-1]])
+    best, ratio = best_clip(Wg, xmin.squeeze(1), xmax.squeeze(1), ratios[:, None].expand(-1, Wg.shape[0]).to(Wg.device),
+                            bits, symmetric, importance, norm)
+    ratio = ratio[:, None]
+    scale, zero = minmax_params(xmin * ratio, xmax * ratio, bits, symmetric)
+    scale = to_stored_precision(scale)
     for _ in range(config.refine_steps):
         s, z = _least_squares(Wg, quantize_to_codes(Wg, scale, zero, bits), zero, bits, symmetric)
         scale, zero, best = _keep_better(Wg, to_stored_precision(s.clamp(min=1e-30)), z, bits, norm, importance, (scale, zero, best))

@@ -6,7 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmquant.errors import ConfigError, ShapeError
-from llmquant.uniform import UniformConfig, minmax_params, minmax_quantize
+from llmquant.uniform import (
+    UniformConfig, best_clip, minmax_params, minmax_quantize, quantization_error, quantize_to_codes, to_stored_precision,
+)
 
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
@@ -84,3 +86,36 @@ def test_round_trip_is_within_half_a_step(bits: int, rows: int, groups: int, siz
     bound = step / 2 + 2**bits * step * 2**-11
     assert bool(((W - q.dequantize()).abs() <= bound * (1 + 1e-5) + 1e-12).all())
     assert int(q.codes.max()) < 2**bits and int(q.zeros.min()) >= 1
+
+
+@pytest.mark.parametrize("norm", [2.0, 3.0])
+def test_quantization_error_weighs_each_column(norm: float) -> None:
+    torch.manual_seed(2)
+    W, weight = torch.randn(5, 32), torch.rand(32)
+    scale, zero = minmax_params(W.amin(dim=1, keepdim=True), W.amax(dim=1, keepdim=True), 3, False)
+    deq = (quantize_to_codes(W, scale, zero, 3).float() - zero) * scale
+    expected = ((deq - W).abs() ** norm * weight).sum(dim=1)
+    assert torch.allclose(quantization_error(W, scale, zero, 3, weight, norm), expected)
+
+
+@pytest.mark.parametrize("max_elements", [1, 1000, 1 << 22])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_best_clip_is_the_lowest_error_candidate_in_any_batching(symmetric: bool, max_elements: int) -> None:
+    """Same answer as trying every ratio one by one, batches of any size; ties go to the earlier ratio."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(40, 64, generator=g) * torch.rand(40, 1, generator=g)
+    W[::5] = torch.distributions.StudentT(2.0).sample(W[::5].shape)
+    W[7] = 0  # every ratio is exact: the first one wins
+    weight = torch.rand(64, generator=g)
+    ratios = torch.rand(9, 40, generator=g) * 0.8 + 0.2
+    xmin, xmax = W.amin(dim=1), W.amax(dim=1)
+    one_by_one = []
+    for r in ratios:
+        scale, zero = minmax_params(xmin * r, xmax * r, 4, symmetric)
+        one_by_one.append(quantization_error(W, to_stored_precision(scale)[:, None], zero[:, None], 4, weight))
+    errors = torch.stack(one_by_one)
+    expected_error, at = errors.min(dim=0)
+    error, ratio = best_clip(W, xmin, xmax, ratios, 4, symmetric, weight, max_elements=max_elements)
+    assert torch.allclose(error, expected_error, rtol=1e-6, atol=0)
+    assert torch.equal(ratio, ratios.gather(0, at[None]).squeeze(0))
+    assert float(ratio[7]) == float(ratios[0, 7]) and float(error[7]) == 0
