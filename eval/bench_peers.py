@@ -40,12 +40,15 @@ CALIB_SAMPLES, CALIB_SEQLEN = 64, 512
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "rtn-w4": ("llmquant", {"algo": "rtn", "bits": 4}),
     "groupwise-w4": ("llmquant", {"algo": "groupwise-int4", "bits": 4}),
-    "gptq-w4": ("llmquant", {"algo": "gptq", "bits": 4}),  # our default: clipping search weighted as GPTQ's objective
-    "gptq-w4-mse-unweighted": ("llmquant", {"algo": "gptq", "bits": 4, "mse_weight": "none"}),  # the reference's search
-    "gptq-w4-no-mse": ("llmquant", {"algo": "gptq", "bits": 4, "mse": False}),  # plain min-max, the peers' default
+    "gptq-w4": ("llmquant", {"algo": "gptq", "bits": 4}),  # our default: min-max scales, as the peers' defaults
+    "gptq-w4-mse": ("llmquant", {"algo": "gptq", "bits": 4, "mse": True}),  # clipping search weighted as GPTQ's objective
+    "gptq-w4-mse-unweighted": ("llmquant", {"algo": "gptq", "bits": 4, "mse": True, "mse_weight": "none"}),  # the reference's
+    "gptq-w4-desc-act-mse": ("llmquant", {"algo": "gptq", "bits": 4, "mse": True, "desc_act": True, "act_group_aware": False}),
+    "gptq-w4-no-act-order-mse": ("llmquant", {"algo": "gptq", "bits": 4, "mse": True, "act_group_aware": False}),
+    "nf4": ("llmquant", {"algo": "nf4"}),
+    "gptq-w3-mse": ("llmquant", {"algo": "gptq", "bits": 3, "mse": True}),
     "gptq-w4-desc-act": ("llmquant", {"algo": "gptq", "bits": 4, "desc_act": True, "act_group_aware": False}),
     "gptq-w4-no-act-order": ("llmquant", {"algo": "gptq", "bits": 4, "act_group_aware": False}),
-    "nf4": ("llmquant", {"algo": "nf4"}),
     "gptq-w3": ("llmquant", {"algo": "gptq", "bits": 3}),
     "gptqmodel-gptq-w4": ("gptqmodel", {"bits": 4}),  # its default order: act_group_aware, as our gptq-w4
     "gptqmodel-gptq-w4-no-act-order": ("gptqmodel", {"bits": 4, "act_group_aware": False}),

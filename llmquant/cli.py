@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-act-group-aware", dest="act_group_aware", action="store_false", default=None,
                    help="visit columns in index order instead of whole groups by importance")
     g.add_argument("--mse", action=argparse.BooleanOptionalAction, default=None,
-                   help="search each group's clipping ratio for the lowest error (default on; --no-mse: plain min-max)")
+                   help="search each group's clipping ratio for the lowest error (default off: plain min-max)")
     g.add_argument("--mse-weight", choices=["hessian", "none"],
                    help="weigh each column's error in that search as GPTQ's objective does (hessian, default) or not (none)")
     n = q.add_argument_group("nf4")

@@ -31,8 +31,8 @@ CONFIGS = {
     "act-group-aware": dict(),
     "desc-act": dict(desc_act=True, act_group_aware=False),
     "static-groups": dict(desc_act=True, static_groups=True, act_group_aware=False),
-    "no-mse": dict(mse=False),
-    "mse-unweighted": dict(mse_weight="none"),
+    "mse": dict(mse=True),
+    "mse-unweighted": dict(mse=True, mse_weight="none"),
 }
 
 
@@ -98,7 +98,7 @@ def test_hessian_weighted_search_lowers_the_output_error(variant: str) -> None:
     """Weighing each column's rounding error as GPTQ's objective does picks scales with a lower
     output error than the reference's unweighted search, on every order."""
     W, H = layer(out_features=256, in_features=512)
-    config = GPTQConfig(bits=3, group_size=64, **CONFIGS[variant])
+    config = GPTQConfig(bits=3, group_size=64, mse=True, **CONFIGS[variant])
     unweighted = output_error(W, gptq_quantize(W, H, dataclasses.replace(config, mse_weight="none")).dequantize(), H)
     weighted = output_error(W, gptq_quantize(W, H, config).dequantize(), H)
     assert weighted < unweighted, (weighted, unweighted)
@@ -133,7 +133,7 @@ def test_static_groups_fit_scales_on_the_original_weight() -> None:
     config = GPTQConfig(group_size=64, desc_act=True, static_groups=True, act_group_aware=False)
     result = gptq_quantize(W, H, dataclasses.replace(config, mse=False))
     assert torch.equal(result.scales, minmax_quantize(W, 4, 64, True).scales)
-    searched = gptq_quantize(W, H, dataclasses.replace(config, mse_weight="none"))
+    searched = gptq_quantize(W, H, dataclasses.replace(config, mse=True, mse_weight="none"))
     expected = torch.stack([find_params(W[:, g * 64:(g + 1) * 64], 4, True, mse=True)[0] for g in range(4)], dim=1)
     assert torch.equal(searched.scales, expected)
 
