@@ -117,28 +117,36 @@ def markdown_tables(all_results: dict[str, dict[str, Any]]) -> str:
 def scaling_plot(all_results: dict[str, dict[str, Any]], path: Path) -> None:
     """Quantization time and peak RSS against model size, one line per row present on 2+ models."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(13, 4.6))
     names = sorted({row for r in all_results.values() for row in r["rows"] if row != "fp32"})
-    for row in names:
+    colors = plt.get_cmap("tab20").colors  # one color per row: tab10's cycle repeated after ten rows
+    sizes_seen: set[float] = set()
+    for i, row in enumerate(names):
         points = [(r["settings"]["params"] / 1e9, r["rows"][row]) for r in all_results.values()
                   if row in r["rows"] and "quantize_s" in r["rows"][row]]
-        if not points:
+        if len(points) < 2:
             continue
         style = "--" if row.startswith(PEERS) else "-"
         sizes = [p for p, _ in points]
-        time_ax.plot(sizes, [e["quantize_s"] for _, e in points], style, marker="o", label=row)
-        memory_ax.plot(sizes, [e["peak_rss_mb"] for _, e in points], style, marker="o", label=row)
+        sizes_seen.update(sizes)
+        color = colors[i % len(colors)]
+        time_ax.plot(sizes, [e["quantize_s"] for _, e in points], style, color=color, marker="o", label=row)
+        memory_ax.plot(sizes, [e["peak_rss_mb"] for _, e in points], style, color=color, marker="o", label=row)
     for ax, label in ((time_ax, "quantize wall time, s"), (memory_ax, "peak RSS while quantizing, MB")):
         ax.set_xlabel("parameters, billions")
         ax.set_ylabel(label)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(sorted(sizes_seen), [f"{size:.2f}" for size in sorted(sizes_seen)])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         ax.grid(alpha=0.3)
-    memory_ax.legend(fontsize=7, loc="upper left")
+    memory_ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle("Cost of quantizing against model size (solid: llmquant, dashed: peers)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
