@@ -125,7 +125,7 @@ def scaling_plot(all_results: dict[str, dict[str, Any]], path: Path) -> None:
     fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(13, 4.6))
     names = sorted({row for r in all_results.values() for row in r["rows"] if row != "fp32"})
     colors = plt.get_cmap("tab20").colors  # one color per row: tab10's cycle repeated after ten rows
-    sizes_seen: set[float] = set()
+    model_sizes = sorted(r["settings"]["params"] / 1e9 for r in all_results.values())
     for i, row in enumerate(names):
         points = [(r["settings"]["params"] / 1e9, r["rows"][row]) for r in all_results.values()
                   if row in r["rows"] and "quantize_s" in r["rows"][row]]
@@ -133,7 +133,6 @@ def scaling_plot(all_results: dict[str, dict[str, Any]], path: Path) -> None:
             continue
         style = "--" if row.startswith(PEERS) else "-"
         sizes = [p for p, _ in points]
-        sizes_seen.update(sizes)
         color = colors[i % len(colors)]
         time_ax.plot(sizes, [e["quantize_s"] for _, e in points], style, color=color, marker="o", label=row)
         memory_ax.plot(sizes, [e["peak_rss_mb"] for _, e in points], style, color=color, marker="o", label=row)
@@ -142,7 +141,7 @@ def scaling_plot(all_results: dict[str, dict[str, Any]], path: Path) -> None:
         ax.set_ylabel(label)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xticks(sorted(sizes_seen), [f"{size:.2f}" for size in sorted(sizes_seen)])
+        ax.set_xticks(model_sizes, [f"{size:.2f}" for size in model_sizes])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         ax.grid(alpha=0.3)
