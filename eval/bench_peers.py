@@ -53,6 +53,7 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "gptqmodel-gptq-w4": ("gptqmodel", {"bits": 4}),  # its default order: act_group_aware, as our gptq-w4
     "gptqmodel-gptq-w4-no-act-order": ("gptqmodel", {"bits": 4, "act_group_aware": False}),
     "gptqmodel-gptq-w4-mse": ("gptqmodel", {"bits": 4, "mse": 2.0}),  # its clipping search, squared error as ours
+    "gptqmodel-gptq-w3": ("gptqmodel", {"bits": 3}),  # the same settings as our gptq-w3
     "llmcompressor-gptq-w4": ("llmcompressor", {"modifier": "GPTQModifier"}),  # its default order: actorder "static"
     "llmcompressor-gptq-w4-no-act-order": ("llmcompressor", {"modifier": "GPTQModifier", "actorder": None}),
     "llmcompressor-rtn-w4": ("llmcompressor", {"modifier": "QuantizationModifier"}),

@@ -56,7 +56,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     rows, settings = results["rows"], results["settings"]
     ppl0 = rows.get("fp32", {}).get("perplexity")
     decode0 = rows.get("fp32", {}).get("decode_tok_s_fp32")
-    peer_gptq = rows.get("gptqmodel-gptq-w4", {}).get("quantize_s")
+    peer_gptq = {bits: rows.get(f"gptqmodel-gptq-w{bits}", {}).get("quantize_s") for bits in (3, 4)}
     read = settings.get("read_mb_s")
     notes: list[str] = []
     lines = ["| row | perplexity | vs fp32 | quantize s | vs GPTQModel GPTQ | weights MB/s (vs raw read) | peak RSS / anon MB | predicted MB | disk MB | decode tok/s | vs fp32 | decode runtime |",
@@ -69,9 +69,10 @@ def markdown_table(results: dict[str, Any]) -> str:
             cells = [f"failed: {row['error']}", *["-"] * 5, _num(row.get("sampled_peak_rss_mb")) + " (sampled)", *["-"] * 5]
         else:
             ppl, seconds, decode = row.get("perplexity"), row.get("quantize_s"), row.get("decode_tok_s")
-            gptq = name.startswith(("gptq-w4", "gptqmodel-gptq", "llmcompressor-gptq"))
+            gptq = name.startswith(("gptq-", "gptqmodel-gptq", "llmcompressor-gptq"))
+            peer_s = peer_gptq[3 if "-w3" in name else 4]  # against GPTQModel at the same bits
             cells = [_num(ppl, 2), f"{ppl / ppl0:.3f}" if ppl and ppl0 else "-", _num(seconds, 1),
-                     f"{seconds / peer_gptq:.2f}x" if gptq and seconds and peer_gptq else "-",
+                     f"{seconds / peer_s:.2f}x" if gptq and seconds and peer_s else "-",
                      f"{row['mb_s']:.0f} ({row['mb_s'] / read:.2g}x read)" if row.get("mb_s") and read else "-",
                      f"{_num(row.get('peak_rss_mb'))} / {_num(row.get('sampled_peak_anon_mb'))}",
                      _num(predicted_mb(name, settings)), _num(row.get("disk_mb")),

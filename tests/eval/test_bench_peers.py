@@ -128,6 +128,8 @@ def _results(model: str, params: float, gptq_s: float, peer_s: float) -> dict:
                         "disk_mb": 100.0, "mb_s": 3.0, "decode_tok_s": 20.0, "decode_runtime": "llmquant int4 kernel"},
             "gptqmodel-gptq-w4": {"perplexity": 23.0, "quantize_s": peer_s, "peak_rss_mb": 1200.0, "disk_mb": 90.0,
                                   "mb_s": 1.0, "decode_tok_s": 11.0, "note": "timed on a busy machine"},
+            "gptq-w3": {"perplexity": 30.0, "quantize_s": gptq_s, "decode_tok_s": 2.0},
+            "gptqmodel-gptq-w3": {"perplexity": 32.0, "quantize_s": 4 * gptq_s},
             "llmcompressor-gptq-w4": {"error": "killed by the 2560 MiB memory limit after 12 s", "sampled_peak_rss_mb": 2400.0}}
     limit_runs = {"gptq-w4": {"limit_mb": 2560, "finished": True, "wall_s": 61.0, "peak_rss_mb": 2100.0,
                               "sampled_peak_anon_mb": 2000.0, "cgroup_peak_mb": 2559.0},
@@ -148,6 +150,8 @@ def test_readme_section_is_rebuilt_from_results_alone(tmp_path: Path) -> None:
     assert readme.index("#### smollm2") < readme.index("#### gemma3")  # model order: smallest first
     assert ("| gptq-w4 | 22.00 | 1.100 | 50.0 | 0.50x | 3 (0.0033x read) | 600 / 550 | - | 100 | 20.0 | 2.00x "
             "| llmquant int4 kernel |") in readme
+    assert "| gptq-w3 | 30.00 | 1.500 | 50.0 | 0.25x |" in readme  # against GPTQModel at the same bits
+    assert "| gptqmodel-gptq-w3 | 32.00 | 1.600 | 200.0 | 1.00x |" in readme
     assert "| gptqmodel-gptq-w4 [1] | 23.00 |" in readme and "\n[1] gptqmodel-gptq-w4: timed on a busy machine\n" in readme
     assert "| llmcompressor-gptq-w4 | failed: killed by the 2560 MiB memory limit after 12 s |" in readme
     assert "| gptq-w4 | 2560 | finished | 61 | 2100 | 2000 |" in readme
