@@ -128,8 +128,8 @@ def _results(model: str, params: float, gptq_s: float, peer_s: float) -> dict:
                         "disk_mb": 100.0, "mb_s": 3.0, "decode_tok_s": 20.0, "decode_runtime": "llmquant int4 kernel"},
             "gptqmodel-gptq-w4": {"perplexity": 23.0, "quantize_s": peer_s, "peak_rss_mb": 1200.0, "disk_mb": 90.0,
                                   "mb_s": 1.0, "decode_tok_s": 11.0, "note": "timed on a busy machine"},
-            "gptq-w3": {"perplexity": 30.0, "quantize_s": gptq_s, "decode_tok_s": 2.0},
-            "gptqmodel-gptq-w3": {"perplexity": 32.0, "quantize_s": 4 * gptq_s},
+            "gptq-w3": {"perplexity": 30.0, "quantize_s": gptq_s, "peak_rss_mb": 600.0, "decode_tok_s": 2.0},
+            "gptqmodel-gptq-w3": {"perplexity": 32.0, "quantize_s": 4 * gptq_s, "peak_rss_mb": 1200.0},
             "llmcompressor-gptq-w4": {"error": "killed by the 2560 MiB memory limit after 12 s", "sampled_peak_rss_mb": 2400.0}}
     limit_runs = {"gptq-w4": {"limit_mb": 2560, "finished": True, "wall_s": 61.0, "peak_rss_mb": 2100.0,
                               "sampled_peak_anon_mb": 2000.0, "cgroup_peak_mb": 2559.0},
