@@ -53,6 +53,8 @@ def in_matrix_order(rows: dict[str, Any]) -> list[tuple[str, Any]]:
 
 def markdown_table(results: dict[str, Any]) -> str:
     """One model's rows: quality, cost of quantizing, and what the output costs to run."""
+    from eval.bench_peers import ROWS
+
     rows, settings = results["rows"], results["settings"]
     ppl0 = rows.get("fp32", {}).get("perplexity")
     decode0 = rows.get("fp32", {}).get("decode_tok_s_fp32")
@@ -70,7 +72,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         else:
             ppl, seconds, decode = row.get("perplexity"), row.get("quantize_s"), row.get("decode_tok_s")
             gptq = name.startswith(("gptq-", "gptqmodel-gptq", "llmcompressor-gptq"))
-            peer_s = peer_gptq[3 if "-w3" in name else 4]  # against GPTQModel at the same bits
+            peer_s = peer_gptq.get(ROWS.get(name, ("", {}))[1].get("bits", 4))  # against GPTQModel at the same bits
             cells = [_num(ppl, 2), f"{ppl / ppl0:.3f}" if ppl and ppl0 else "-", _num(seconds, 1),
                      f"{seconds / peer_s:.2f}x" if gptq and seconds and peer_s else "-",
                      f"{row['mb_s']:.0f} ({row['mb_s'] / read:.2g}x read)" if row.get("mb_s") and read else "-",
