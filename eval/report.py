@@ -2,7 +2,7 @@
 
 A report holds one or more `ModelEval` rows plus the versions, settings and machine they were
 measured with. With a baseline, each other row also gets deltas and ratios against it. Several
-reports can be merged into one plot (perplexity against bits per weight, one point per model).
+reports can be merged into one plot (perplexity against bits per weight, speed and memory).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["build_report", "comparisons", "load_report", "markdown", "plot", "terminal_table", "write_report"]
+__all__ = ["build_report", "comparisons", "load_report", "markdown", "plot", "plot_panels", "terminal_table", "write_report"]
 
 
 def _versions() -> dict[str, str]:
@@ -129,26 +129,76 @@ def terminal_table(report: dict[str, Any]) -> str:
 
 
 def plot(reports: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Plot perplexity against bits per weight, one labelled point per model of every report
-    (disk size in the label); models without perplexity are left out of the plot."""
+    """Plot what the reports measured, one panel per kind, every model of every report in each:
+    perplexity against bits per weight (when measured), prefill and decode tokens/s at the first
+    batch size (when measured), and memory (disk, weights in memory, peak RSS; always measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    points = [(r["bits_per_weight"], r["perplexity"]["perplexity"], r["name"], r["disk_bytes"])
-              for report in reports for r in report["models"] if r.get("perplexity")]
-    for bpw, ppl, name, size in points:
-        ax.scatter([bpw], [ppl])
-        ax.annotate(f"{name} ({size / 1e6:.0f} MB)", (bpw, ppl), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    if not points:
-        ax.text(0.5, 0.5, "no perplexity measured", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("bits per weight (block Linears)")
-    ax.set_ylabel("perplexity")
-    ax.set_title("llmquant eval: quality against size")
-    ax.grid(alpha=0.3)
+    rows = [r for report in reports for r in report["models"]]
+    draw = {"perplexity": _perplexity_panel, "prefill": _speed_panel("prefill"), "decode": _speed_panel("decode"),
+            "memory": _memory_panel}
+    panels = [draw[name] for name in plot_panels(reports)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), dpi=110, squeeze=False)
+    for draw, ax in zip(panels, axes[0]):
+        draw(ax, rows)
+        ax.grid(alpha=0.3)
+    fig.suptitle("llmquant eval")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_panels(reports: Sequence[dict[str, Any]]) -> list[str]:
+    """Return the panels `plot` draws for these reports, in order: those with something measured."""
+    rows = [r for report in reports for r in report["models"]]
+    panels = ["perplexity"] if any(r.get("perplexity") for r in rows) else []
+    if any(r.get("speed") for r in rows):
+        panels += ["prefill", "decode"]
+    return panels + ["memory"]
+
+
+def _perplexity_panel(ax: Any, rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        if r.get("perplexity"):
+            bpw, ppl = r["bits_per_weight"], r["perplexity"]["perplexity"]
+            ax.scatter([bpw], [ppl])
+            ax.annotate(f"{r['name']} ({r['disk_bytes'] / 1e6:.0f} MB)", (bpw, ppl), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("bits per weight (block Linears)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("quality against size")
+
+
+def _bars(ax: Any, names: list[str], series: dict[str, list[float]], unit: str) -> None:
+    height = 0.8 / len(series)
+    for k, (label, values) in enumerate(series.items()):
+        ys = [i + k * height for i in range(len(names))]
+        ax.barh(ys, values, height=height, label=label)
+        for y, v in zip(ys, values):
+            ax.annotate(f"{v:.1f}", (v, y), textcoords="offset points", xytext=(3, -3), fontsize=7)
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(names))], names, fontsize=7)
+    ax.set_xlabel(unit)
+    ax.margins(x=0.15)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+
+
+def _speed_panel(kind: str) -> Any:
+    def draw(ax: Any, rows: list[dict[str, Any]]) -> None:
+        timed = [r for r in rows if r.get("speed")]
+        batch = timed[0]["speed"][0]["batch_size"]
+        values = [next((s[f"{kind}_tokens_per_s"] for s in r["speed"] if s["batch_size"] == batch), 0.0) for r in timed]
+        _bars(ax, [r["name"] for r in timed], {kind: values}, "tokens/s")
+        ax.set_title(f"{kind} tokens/s, batch {batch} (median)")
+    return draw
+
+
+def _memory_panel(ax: Any, rows: list[dict[str, Any]]) -> None:
+    series = {"disk MB": [r["disk_bytes"] / 1e6 for r in rows], "weights in memory MB": [r["memory_bytes"] / 1e6 for r in rows],
+              "peak RSS MiB": [r["peak_rss_mb"] for r in rows]}
+    _bars(ax, [r["name"] for r in rows], series, "MB")
+    ax.set_title("memory")

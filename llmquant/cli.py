@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import tomllib
 from typing import Any, Sequence
@@ -109,8 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     e.add_argument("--threads", type=int, help="CPU threads (default: torch's default)")
     e.add_argument("-o", "--output", help="report path (.json); the .md table and .png plot are written beside it")
+    e.add_argument("--update-card", action="store_true",
+                   help="write the measured table into the model card (README.md) of the llmquant output being evaluated")
 
-    ep = commands.add_parser("eval-plot", help="plot perplexity against bits per weight from one or more eval reports")
+    ep = commands.add_parser("eval-plot", help="plot perplexity against bits per weight, tokens/s and memory from one or more eval reports")
     ep.add_argument("reports", nargs="+", help="JSON reports written by `llmquant eval -o`")
     ep.add_argument("-o", "--output", required=True, help="PNG file to write")
 
@@ -171,6 +174,11 @@ def _quantize(args: argparse.Namespace) -> None:
         f"{report.input_bytes / 1e6:.1f} MB -> {report.output_bytes / 1e6:.1f} MB "
         f"({report.input_bytes / max(report.output_bytes, 1):.2f}x smaller) in {report.seconds:.1f} s"
     )
+    from llmquant.card import next_commands
+
+    print("next (the model card, README.md in the folder, has these too):")
+    for purpose, command in next_commands(shlex.quote(str(report.output)), shlex.quote(str(report.source)), report.format).items():
+        print(f"  {purpose:<7} {command}")
 
 
 def _algorithms(args: argparse.Namespace) -> None:

@@ -44,6 +44,10 @@ def run_eval(args: Any) -> tuple[dict[str, Any], list[Path]]:
 
     if args.ppl is None and not args.speed:
         raise LlmquantError("nothing to measure: pass --ppl DATA (e.g. --ppl wiki.test.raw) and/or --speed")
+    update_card = getattr(args, "update_card", False)
+    if update_card and (args.model is None or not (Path(args.model) / "llmquant.json").exists()):
+        raise LlmquantError(f"--update-card: {args.model or 'the default model'} is not a folder written by `llmquant quantize`; "
+                            f"pass one, or drop --update-card")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -79,4 +83,9 @@ def run_eval(args: Any) -> tuple[dict[str, Any], list[Path]]:
                              f"{speed.new_tokens} new tokens, {speed.warmup} warm-up + {speed.runs} timed runs")
     report = build_report(rows, settings)
     written = write_report(report, Path(args.output)) if args.output else []
+    if update_card:
+        from llmquant.card import update_card as write_measured
+        from llmquant_eval.report import markdown
+
+        written.append(write_measured(Path(args.model), markdown(report)))
     return report, written

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _NOT_COPIED = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
-_WRITTEN = {"config.json", "model.safetensors.index.json", "quantize_config.json", "llmquant.json"}
+_WRITTEN = {"config.json", "model.safetensors.index.json", "quantize_config.json", "llmquant.json", "README.md",
+            "llmquant-import.json"}
 
 
 class OutputFolder:
@@ -56,9 +57,17 @@ class OutputFolder:
             shutil.rmtree(self.target)
         self.tmp.rename(self.target)
 
-    def write_metadata(self, records: list[ModuleRecord], quantization_config: dict[str, Any], config: QuantizeConfig) -> None:
-        """Write config.json with `quantization_config`, quantize_config.json, llmquant.json, and the tokenizer."""
+    def write_metadata(self, records: list[ModuleRecord], quantization_config: dict[str, Any], config: QuantizeConfig,
+                       provenance: dict[str, Any]) -> None:
+        """Write config.json with `quantization_config`, quantize_config.json, llmquant.json, the model
+        card (README.md) and the tokenizer.
+
+        Args:
+            provenance: ``base_model``, and the ``algorithm`` and ``format_plugin`` that ran
+                (name, distribution, version; ``calibrated`` for the algorithm), for the run record.
+        """
         from llmquant import __version__
+        from llmquant.card import write_card
 
         model_config = json.loads((self.source / "config.json").read_text())
         model_config["quantization_config"] = quantization_config
@@ -72,6 +81,7 @@ class OutputFolder:
             "format_version": FORMAT_VERSION,
             "llmquant_version": __version__,
             "source": str(self.source),
+            **provenance,
             "config": config.to_dict(),
             "modules": [
                 {"name": r.name, "shape": list(r.shape), "bits": r.bits, "group_size": r.group_size, "symmetric": r.symmetric,
@@ -82,6 +92,7 @@ class OutputFolder:
         for path in sorted(self.source.iterdir()):
             if path.is_file() and path.name not in _WRITTEN and not path.name.endswith(_NOT_COPIED):
                 shutil.copy2(path, self.tmp / path.name)
+        write_card(self.tmp, self.target.name)
 
     def size(self) -> int:
         return sum(p.stat().st_size for p in self.target.rglob("*") if p.is_file())

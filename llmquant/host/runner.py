@@ -36,6 +36,7 @@ from llmquant.host.calibration_data import CalibrationConfig, load_calibration
 from llmquant.host.checkpoint import Checkpoint
 from llmquant.host.output import OutputFolder
 from llmquant.host.resume import PartialRun, disk_full_error, fingerprint_run
+from llmquant.host.source import imported_float_dtype, origin_of
 from llmquant.io.shards import ShardWriter, header_bound, parse_size
 from llmquant.plugins import AlgorithmEntry, Plugins
 from llmquant.uniform import check_groups
@@ -50,6 +51,8 @@ class QuantizeReport:
     """What a run did, for the CLI's closing summary."""
 
     output: Path
+    source: Path
+    format: str
     modules: list[ModuleRecord]
     input_bytes: int
     output_bytes: int
@@ -109,8 +112,11 @@ def quantize_checkpoint(
 
     start = time.perf_counter()
     entry = plugins.algorithm(config.algo)
-    fmt = plugins.format_for(config.format, entry.cls.result_type, config.algo).cls()
+    fmt_entry = plugins.format_for(config.format, entry.cls.result_type, config.algo)
+    fmt = fmt_entry.cls()
     config = dataclasses.replace(config, format=fmt.name)
+    if config.dtype == "auto" and (imported := imported_float_dtype(source)) is not None:
+        config = dataclasses.replace(config, dtype=imported)  # a GGUF import's float32 is not a dtype to ship
     calibration = config.calibration
     config = dataclasses.replace(config, device=resolve_device(config.device))
     if entry.cls.needs_calibration and calibration.calib is None:
@@ -148,8 +154,15 @@ def quantize_checkpoint(
         except OSError as exc:
             raise disk_full_error(exc, tmp) from exc
         partial.finish()
-        folder.write_metadata(records, fmt.quantization_config(records, dict(algo_config.__dict__), dtype), config)
-    report = QuantizeReport(output, records, checkpoint.total_bytes, folder.size(), time.perf_counter() - start)
+        provenance = {
+            **origin_of(source),
+            "algorithm": {"name": entry.name, "distribution": entry.plugin.distribution, "version": entry.plugin.version,
+                          "calibrated": entry.cls.needs_calibration},
+            "format_plugin": {"name": fmt_entry.name, "distribution": fmt_entry.plugin.distribution,
+                              "version": fmt_entry.plugin.version},
+        }
+        folder.write_metadata(records, fmt.quantization_config(records, dict(algo_config.__dict__), dtype), config, provenance)
+    report = QuantizeReport(output, source, fmt.name, records, checkpoint.total_bytes, folder.size(), time.perf_counter() - start)
     log.info("quantized %d Linears into %s in %.1f s", report.quantized, output, report.seconds)
     return report
 

