@@ -71,11 +71,14 @@ def load_model(path: Path, *, loader: str, dtype: torch.dtype, device: str) -> A
     compressed-tensors, bitsandbytes) to cross-check; an original checkpoint loads with transformers."""
     from transformers import AutoModelForCausalLM
 
-    quantized = "quantization_config" in json.loads((path / "config.json").read_text())
-    if quantized and loader == "llmquant":
+    from llmquant.deps import require_integration
+
+    quant = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if quant is not None and loader == "llmquant":
         from llmquant.runtime import load_quantized
 
         return load_quantized(path, dtype=dtype).to(device).eval()
+    require_integration(quant.get("quant_method") if quant else None)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device).eval()
 
 

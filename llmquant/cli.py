@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
+import warnings
 import tomllib
 from typing import Any, Sequence
 
@@ -24,7 +26,8 @@ log = logging.getLogger("llmquant")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmquant", description="Quantize Hugging Face LLMs layer by layer.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log debug messages, and every other library's warnings (hidden by default)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     q = commands.add_parser("quantize", help="quantize a model into a folder servers load")
@@ -123,8 +126,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="loaders to run (repeatable; default: every one that is installed)")
     v.add_argument("--vllm-python", help="Python of an environment with vllm installed (default: $LLMQUANT_VLLM_PYTHON, "
                    "or this Python when it can import vllm)")
-    v.add_argument("--min-top1", type=float, default=0.99, help="smallest share of prompt positions whose top-1 token must "
-                   "agree with llmquant's runtime (default 0.99)")
+    v.add_argument("--max-kl", type=float, default=None, help="largest mean KL divergence per position from llmquant's "
+                   "runtime a loader may show (default 0.01)")
+    v.add_argument("--min-top2", type=float, default=None, help="smallest share of positions whose top-1 token must be "
+                   "inside llmquant's top 2 (default 0.99)")
     v.add_argument("--json", action="store_true", help="print JSON")
 
     f = commands.add_parser("formats", help="list installed output formats and the results they store")
@@ -227,16 +232,19 @@ def _eval_plot(args: argparse.Namespace) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from llmquant.verify import verify_output
+    from llmquant.verify import MAX_KL, MIN_TOP2, verify_output
 
-    checks = verify_output(args.output, loaders=tuple(args.loader or ("transformers", "vllm")),
-                           vllm_python=args.vllm_python, min_top1=args.min_top1)
+    checks = verify_output(args.output, loaders=tuple(args.loader or ("transformers", "vllm")), vllm_python=args.vllm_python,
+                           max_kl=MAX_KL if args.max_kl is None else args.max_kl,
+                           min_top2=MIN_TOP2 if args.min_top2 is None else args.min_top2)
     if args.json:
         print(json.dumps([c.to_dict() for c in checks], indent=2))
     else:
-        print(f"{'loader':<16} {'status':<14} {'positions':>9} {'top-1 agree':>11} {'max |dlogp|':>11}  message")
+        print(f"{'loader':<16} {'status':<14} {'positions':>9} {'mean KL':>9} {'top-1 in top-2':>14} "
+              f"{'exact top-1':>11} {'max |dlogp|':>11}  message")
         for c in checks:
-            print(f"{c.loader:<16} {c.status:<14} {c.positions:>9} {c.top1_agreement:>11.1%} {c.max_abs_delta_logprob:>11.4f}  {c.message}")
+            print(f"{c.loader:<16} {c.status:<14} {c.positions:>9} {c.kl_mean:>9.5f} {c.top1_in_top2:>14.1%} "
+                  f"{c.top1_agreement:>11.1%} {c.max_abs_delta_logprob:>11.4f}  {c.message}")
     failed = [c for c in checks if c.status in ("disagrees", "refused")]
     return 2 if failed else 0
 
@@ -277,9 +285,36 @@ def _inspect(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2) if args.json else info["text"])
 
 
+class _OwnInfoOthersErrors(logging.Filter):
+    """Pass llmquant's records from INFO up and other libraries' from ERROR up."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("llmquant") or record.levelno >= logging.ERROR
+
+
+def _configure_output(verbose: bool) -> None:
+    """Show llmquant's own progress and summary; with `verbose`, everything every library says.
+
+    Quiet mode drops other libraries' warnings (deprecation notices, optional kernels that did not
+    load) and log records below ERROR, and the `datasets` progress bars; errors always show.
+    """
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+    if verbose:
+        return
+    handler.addFilter(_OwnInfoOthersErrors())
+    warnings.filterwarnings("ignore", module=r"(?!llmquant)")
+    for variable, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DATASETS_VERBOSITY", "error"),
+                            ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+        os.environ.setdefault(variable, value)
+    for library in ("torch", "torchao", "transformers", "datasets", "accelerate", "huggingface_hub", "gptqmodel"):
+        logging.getLogger(library).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _configure_output(args.verbose)
     handlers = {"quantize": _quantize, "eval": _eval, "eval-plot": _eval_plot, "verify": _verify, "algorithms": _algorithms,
                 "formats": _formats, "plugins": _plugins, "inspect": _inspect}
     try:

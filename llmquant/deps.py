@@ -14,11 +14,19 @@ from types import ModuleType
 
 from llmquant.errors import LlmquantError
 
-__all__ = ["EXTRAS", "MissingDependency", "available", "require"]
+__all__ = ["EXTRAS", "INTEGRATIONS", "MissingDependency", "available", "require", "require_integration"]
 
 # extra name -> the distributions it installs (kept equal to pyproject.toml by a test)
 EXTRAS: dict[str, tuple[str, ...]] = {
     "loaders": ("gptqmodel", "optimum", "compressed-tensors", "bitsandbytes"),
+}
+
+
+# quant_method in config.json -> the modules transformers' integration for it imports
+INTEGRATIONS: dict[str, tuple[str, ...]] = {
+    "gptq": ("gptqmodel", "optimum"),
+    "compressed-tensors": ("compressed_tensors",),
+    "bitsandbytes": ("bitsandbytes",),
 }
 
 
@@ -56,3 +64,10 @@ def require(module: str, *, extra: str | None = None, install: str | None = None
             fix = install or f"pip install {module}"
         need = f" for {purpose}" if purpose else ""
         raise MissingDependency(f"{module} is needed{need} but is not installed ({exc}): run `{fix}`") from exc
+
+
+def require_integration(quant_method: str | None) -> None:
+    """Check that transformers' integration for `quant_method` is installed (a float checkpoint,
+    None, needs nothing), or raise `MissingDependency` naming the ``loaders`` extra."""
+    for module in INTEGRATIONS.get(quant_method or "", ()):
+        require(module, extra="loaders", purpose=f"loading {quant_method} checkpoints in transformers")

@@ -5,7 +5,8 @@
 This file imports nothing from llmquant, so `llmquant verify` can run it with the Python of a
 separate vLLM environment (vLLM pins its own transformers and compressed-tensors). The request
 holds token-id prompts; the result holds, per prompt and position, the logprob vLLM gives the
-actual next token and vLLM's own top-1 token, plus greedy continuations, or the error vLLM raised.
+actual next token, vLLM's top-1 token and its `top_k` most likely tokens with their logprobs, plus
+greedy continuations, or the error vLLM raised.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def probe(checkpoint: str, request: dict[str, Any]) -> dict[str, Any]:
     llm = LLM(model=checkpoint, dtype=request.get("dtype", "float16"), enforce_eager=True,
               max_model_len=int(request.get("max_model_len", 512)), distributed_executor_backend="uni", seed=0)
     prompts = [{"prompt_token_ids": ids} for ids in request["prompts"]]
-    scored = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0), use_tqdm=False)
+    top_k = int(request.get("top_k", 1))
+    scored = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=top_k, temperature=0.0), use_tqdm=False)
     positions = []
     for ids, output in zip(request["prompts"], scored):
         rows = []
@@ -36,8 +38,9 @@ def probe(checkpoint: str, request: dict[str, Any]) -> dict[str, Any]:
             if entry is None:  # the first token has no prediction
                 continue
             actual = entry[ids[t]]
-            top = min(entry.items(), key=lambda kv: kv[1].rank)[0]
-            rows.append({"logprob": float(actual.logprob), "top1": int(top)})
+            ranked = sorted(entry.items(), key=lambda kv: kv[1].rank)
+            top = [[int(token), float(lp.logprob)] for token, lp in ranked if lp.rank <= top_k]
+            rows.append({"logprob": float(actual.logprob), "top1": int(ranked[0][0]), "top": top})
         positions.append(rows)
     greedy = llm.generate(prompts, SamplingParams(max_tokens=int(request.get("new_tokens", 16)), temperature=0.0), use_tqdm=False)
     return {"vllm_version": vllm.__version__, "positions": positions,

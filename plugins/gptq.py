@@ -54,11 +54,8 @@ class GPTQConfig(UniformConfig):
         mse_weight: how that search weighs each column's squared error: "hessian" (default) by
             ``1 / Hinv[j, j]**2``, what GPTQ's own objective charges for rounding column j
             (Algorithm 1's ``err / d``; the columns its inputs drive hardest count most); "none"
-            unweighted, as the reference's ``--mse`` does. Measured at 4 bits, group 64/128
-            (min-max / unweighted / hessian): SmolLM2-135M 26.04 / 25.44 / 24.35, Gemma-3-270M
-            30.66 / 29.66 / 30.12, Qwen2.5-Coder-1.5B 16.66 / - / 18.16 (RTN 17.10): on Qwen's
-            block 0 the search lowers each of the five modules' output error checked, yet the model
-            gets worse, which is why it is not the default (eval/results/peers_*.json).
+            unweighted, as the reference's ``--mse`` does. How each choice scores on real models
+            is in docs/benchmarks.md.
         block_size: columns per lazy batch update.
     """
 

@@ -3,11 +3,9 @@
 Round-to-nearest spends its grid on each group's extremes. This searches, for every group, the
 scale and zero that minimize the group's reconstruction error, each weight's squared error
 weighted by ``|w|**weight_power`` (default 2): ``sum_i |w_i|^2 (w_i - q_i)^2``. Plain squared
-error (``weight_power=0``) lowers the weight error most but, on SmolLM2, raised perplexity: it
-buys its gain by clipping each group's largest weights, which carry the most signal. Weighting
-by ``w**2`` keeps the large weights accurate and spends the search on the rest (measured on
-SmolLM2-135M, 16 windows of 512 WikiText-2 tokens: RTN 49.6, plain MSE search 51.0-51.5,
-``w**2``-weighted 49.0; see eval/results/formats_smollm2.json for the full benchmark).
+error (``weight_power=0``) lowers the weight error most, but does it by clipping each group's
+largest weights, which carry the most signal. Weighting by ``w**2`` keeps the large weights
+accurate and spends the search on the rest (measurements: docs/benchmarks.md).
 
 The search:
 

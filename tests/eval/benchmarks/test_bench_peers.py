@@ -1,5 +1,5 @@
 """The peers benchmark's machinery: measured child processes, the hard memory limit, the memory
-formula, one quantize child, and the README section rebuilt from results (no timing assertions)."""
+formula, one quantize child, and the docs section rebuilt from results (no timing assertions)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from eval.limits import CGROUP_ROOT, can_limit_memory, run_measured
-from eval.memory_model import Shapes, predict_peak_mb, shapes_of, single_pass_chosen
-from eval.peers_report import END, START, rebuild
+from eval.benchmarks.limits import CGROUP_ROOT, can_limit_memory, run_measured
+from eval.benchmarks.memory_model import Shapes, predict_peak_mb, shapes_of, single_pass_chosen
+from eval.benchmarks.peers_report import DOC, END, RESULTS, START, predicted_mb, rebuild
+from eval.benchmarks.peers_rows import LLMQUANT_RUNTIME, decode_runtime
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
+SCRIPT = ROOT / "eval" / "benchmarks" / "bench_peers.py"
 MB = 1024 * 1024
 ALLOCATE = "import time; block = bytearray({mb} * 1024 * 1024); time.sleep(0.8); print('done')"
 can_limit = pytest.mark.skipif(not can_limit_memory(), reason="a hard memory limit needs root and a writable cgroup v1 memory controller")
@@ -64,8 +66,6 @@ def test_memory_formula_terms() -> None:
 
 
 def test_predicted_peak_follows_the_hosts_choice_of_calibration_mode() -> None:
-    from eval.peers_report import predicted_mb
-
     smollm2 = {"block_params": 3_540_096, "largest_weight": 1536 * 576, "widest_input": 1536, "hidden": 576,
                "vocab": 49_152, "largest_outside": 49_152 * 576, "source_bytes": 4, "layers": 30, "params": 134_515_008}
     settings = {"shapes": smollm2, "baseline_mb": 300.0}
@@ -81,7 +81,7 @@ def test_predicted_peak_follows_the_hosts_choice_of_calibration_mode() -> None:
 
 def test_quantize_child_writes_an_output_and_reports_its_cost(tiny_llama: Path, tmp_path: Path) -> None:
     out = tmp_path / "rtn"
-    command = [sys.executable, str(ROOT / "eval" / "bench_peers.py"), "--quantize", "rtn-w4", "--out", str(out),
+    command = [sys.executable, str(SCRIPT), "--quantize", "rtn-w4", "--out", str(out),
                "--model-dir", str(tiny_llama), "--group-size", "64", "--threads", "1"]
     done = run_measured(command, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.ok, done.stderr[-2000:]
@@ -97,7 +97,7 @@ def test_score_child_reports_perplexity_and_decode_speed(tiny_llama: Path, tmp_p
     out = tmp_path / "rtn"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     common = ["--out", str(out), "--model-dir", str(tiny_llama), "--group-size", "64", "--threads", "1"]
-    script = str(ROOT / "eval" / "bench_peers.py")
+    script = str(SCRIPT)
     assert run_measured([sys.executable, script, "--quantize", "rtn-w4", *common], env=env).ok
     for row, path in (("rtn-w4", out), ("fp32", tiny_llama)):
         done = run_measured([sys.executable, script, "--score", row, *common[2:], "--out", str(path), "--ppl-seqlen", "64",
@@ -111,8 +111,6 @@ def test_score_child_reports_perplexity_and_decode_speed(tiny_llama: Path, tmp_p
 
 
 def test_each_output_decodes_in_the_runtime_its_format_was_written_for() -> None:
-    from eval.bench_peers import LLMQUANT_RUNTIME, decode_runtime
-
     assert decode_runtime("gptq-w4") == decode_runtime("rtn-w4") == LLMQUANT_RUNTIME
     assert decode_runtime("nf4") == decode_runtime("bitsandbytes-nf4") == "transformers + bitsandbytes"
     assert decode_runtime("gptq-w3") == decode_runtime("gptqmodel-gptq-w4") == "transformers + gptqmodel"
@@ -138,23 +136,46 @@ def _results(model: str, params: float, gptq_s: float, peer_s: float) -> dict:
     return {"settings": settings, "rows": rows, "limit_runs": limit_runs}
 
 
-def test_readme_section_is_rebuilt_from_results_alone(tmp_path: Path) -> None:
-    results = tmp_path / "eval" / "results"
+def test_docs_section_is_rebuilt_from_results_alone(tmp_path: Path) -> None:
+    results = tmp_path / RESULTS
     results.mkdir(parents=True)
     (results / "peers_smollm2.json").write_text(json.dumps(_results("SmolLM2", 1.35e8, 50.0, 100.0)))
     (results / "peers_gemma3.json").write_text(json.dumps(_results("Gemma", 2.7e8, 90.0, 150.0)))
-    (tmp_path / "README.md").write_text(f"# title\n\nbefore\n\n{START}\nold table\n{END}\n\nafter\n")
+    (tmp_path / DOC).parent.mkdir()
+    (tmp_path / DOC).write_text(f"# title\n\nbefore\n\n{START}\nold table\n{END}\n\nafter\n")
     rebuild(tmp_path)
-    readme = (tmp_path / "README.md").read_text()
-    assert readme.startswith("# title\n\nbefore\n\n") and readme.endswith(f"{END}\n\nafter\n") and "old table" not in readme
-    assert readme.index("#### smollm2") < readme.index("#### gemma3")  # model order: smallest first
+    doc = (tmp_path / DOC).read_text()
+    assert doc.startswith("# title\n\nbefore\n\n") and doc.endswith(f"{END}\n\nafter\n") and "old table" not in doc
+    assert doc.index("#### smollm2") < doc.index("#### gemma3")  # model order: smallest first
     assert ("| gptq-w4 | 22.00 | 1.100 | 50.0 | 0.50x | 3 (0.0033x read) | 600 / 550 | - | 100 | 20.0 | 2.00x "
-            "| llmquant int4 kernel |") in readme
-    assert "| gptq-w3 | 30.00 | 1.500 | 50.0 | 0.25x |" in readme  # against GPTQModel at the same bits
-    assert "| gptqmodel-gptq-w3 | 32.00 | 1.600 | 200.0 | 1.00x |" in readme
-    assert "| gptqmodel-gptq-w4 [1] | 23.00 |" in readme and "\n[1] gptqmodel-gptq-w4: timed on a busy machine\n" in readme
-    assert "| llmcompressor-gptq-w4 | failed: killed by the 2560 MiB memory limit after 12 s |" in readme
-    assert "| gptq-w4 | 2560 | finished | 61 | 2100 | 2000 |" in readme
-    assert "| gptqmodel-gptq-w4 | 2560 | killed by the 2560 MiB memory limit after 9 s | 9 | - | - |" in readme
-    assert (results / "peers.md").read_text() in readme
+            "| llmquant int4 kernel |") in doc
+    assert "| gptq-w3 | 30.00 | 1.500 | 50.0 | 0.25x |" in doc  # against GPTQModel at the same bits
+    assert "| gptqmodel-gptq-w3 | 32.00 | 1.600 | 200.0 | 1.00x |" in doc
+    assert "| gptqmodel-gptq-w4 [1] | 23.00 |" in doc and "\n[1] gptqmodel-gptq-w4: timed on a busy machine\n" in doc
+    assert "| llmcompressor-gptq-w4 | failed: killed by the 2560 MiB memory limit after 12 s |" in doc
+    assert "| gptq-w4 | 2560 | finished | 61 | 2100 | 2000 |" in doc
+    assert "| gptqmodel-gptq-w4 | 2560 | killed by the 2560 MiB memory limit after 9 s | 9 | - | - |" in doc
+    assert (results / "peers.md").read_text() in doc
+    assert "![cost against model size](../eval/benchmarks/results/peers_scaling.png)" in doc  # relative to docs/
     assert (results / "peers_scaling.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_driver_and_the_report_share_the_rows_without_importing_each_other() -> None:
+    """bench_peers calls the report; the report reads row definitions from peers_rows alone."""
+    import ast
+
+    report = ast.parse((ROOT / "eval" / "benchmarks" / "peers_report.py").read_text())
+    imported = {node.module for node in ast.walk(report) if isinstance(node, ast.ImportFrom)}  # in functions too
+    imported |= {alias.name for node in ast.walk(report) if isinstance(node, ast.Import) for alias in node.names}
+    assert "eval.benchmarks.peers_rows" in imported and not [m for m in imported if m and "bench_peers" in m]
+
+
+@pytest.mark.parametrize("command", [[str(SCRIPT)], ["-m", "eval.benchmarks.bench_peers"],
+                                     [str(ROOT / "eval" / "benchmarks" / "bench_formats.py")],
+                                     [str(ROOT / "eval" / "benchmarks" / "bench_gptq.py")],
+                                     [str(ROOT / "eval" / "benchmarks" / "bench_speed.py")]],
+                         ids=["bench_peers-script", "bench_peers-module", "bench_formats", "bench_gptq", "bench_speed"])
+def test_the_drivers_run_from_the_repository_root(command: list[str]) -> None:
+    done = run_measured([sys.executable, *command, "--help"], cwd=ROOT,
+                        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.ok and "usage:" in done.stdout, done.stderr[-2000:]

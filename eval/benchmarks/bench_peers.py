@@ -1,23 +1,31 @@
 """llmquant against the peers on real models: perplexity, quantization time, peak memory, size, decode speed.
 
-    python eval/bench_peers.py --model smollm2|gemma3|qwen2.5-coder-1.5b|all [--rows ROW,...]
-                               [--memory-limit-mb 2560] [--redo] [--readme]
+    python eval/benchmarks/bench_peers.py --model smollm2|gemma3|qwen2.5-coder-1.5b|all [--rows ROW,...]
+                                          [--memory-limit-mb 2560] [--redo] [--docs]
 
-Every row quantizes the same float checkpoint with the same settings (4 bits, group 64 for
-SmolLM2 and 128 for the others, symmetric; GPTQ calibrated on the same token ids: 64 x 512 tokens
-of Wikipedia extracts, seed 0) in a fresh process, watched from outside for wall time and peak
-memory (``eval.limits``), optionally inside a cgroup with a hard memory limit. Every output is
+(or ``python -m eval.benchmarks.bench_peers ...`` from the repository root). Every row
+(``peers_rows.ROWS``) quantizes the same float checkpoint with the same settings (4 bits, group 64
+for SmolLM2 and 128 for the others, symmetric; GPTQ calibrated on the same token ids: 64 x 512
+tokens of Wikipedia extracts, seed 0) in a fresh process, watched from outside for wall time and
+peak memory (``limits.py``), optionally inside a cgroup with a hard memory limit. Every output is
 then scored in a second fresh process: perplexity on the same WikiText-2 windows in float32 by
 one runtime for all GPTQ and compressed-tensors outputs (``llmquant.load_quantized``) and by
 transformers for bitsandbytes and the original, and decode tokens/s in the runtime a user of
 that output would run on a CPU (bfloat16): llmquant's int4 kernel for ours, transformers +
 gptqmodel, transformers + compressed-tensors, transformers + bitsandbytes for the peers'.
 
-llm-compressor pins an older transformers, so its rows run in their own environment
-(``--llmcompressor-python``, default ``$LLMQUANT_LLMC_PYTHON``). Results are merged into
-``eval/results/peers_<model>.json``: rows already there are kept unless ``--redo`` (a run can be
-stopped and started again), and ``--readme`` rebuilds the README section, table and plots from
-the JSON files alone (``eval/peers_report.py``).
+The GPTQModel and bitsandbytes rows need ``pip install 'llmquant[loaders]'``. llm-compressor pins
+its own transformers, so its rows run in their own environment (``--llmcompressor-python``,
+default ``$LLMQUANT_LLMC_PYTHON``), made once with::
+
+    python -m venv /work/llmc-venv
+    /work/llmc-venv/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1 pluggy
+
+(the child imports this source tree through ``PYTHONPATH``; pluggy is what ``llmquant`` itself
+imports). Results are merged into ``eval/benchmarks/results/peers_<model>.json``: rows already
+there are kept unless ``--redo`` (a run can be stopped and started again), and ``--docs`` only
+rebuilds the peers section of ``docs/benchmarks.md`` and the plot from the JSON files alone
+(``peers_report.py``, which every run also calls at its end).
 """
 
 from __future__ import annotations
@@ -33,37 +41,24 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-CALIB_SAMPLES, CALIB_SEQLEN = 64, 512
-# name: (tool, settings). Tools: llmquant (settings go to llmquant.api.quantize), gptqmodel,
-# llmcompressor (GPTQModifier or QuantizationModifier, W4A16), bitsandbytes (transformers on CPU).
-ROWS: dict[str, tuple[str, dict[str, Any]]] = {
-    "rtn-w4": ("llmquant", {"algo": "rtn", "bits": 4}),
-    "groupwise-w4": ("llmquant", {"algo": "groupwise-int4", "bits": 4}),
-    "gptq-w4": ("llmquant", {"algo": "gptq", "bits": 4}),  # our default: min-max scales, as the peers' defaults
-    "gptq-w4-mse": ("llmquant", {"algo": "gptq", "bits": 4, "mse": True}),  # clipping search weighted as GPTQ's objective
-    "gptq-w4-mse-unweighted": ("llmquant", {"algo": "gptq", "bits": 4, "mse": True, "mse_weight": "none"}),  # the reference's
-    "gptq-w4-desc-act-mse": ("llmquant", {"algo": "gptq", "bits": 4, "mse": True, "desc_act": True, "act_group_aware": False}),
-    "gptq-w4-no-act-order-mse": ("llmquant", {"algo": "gptq", "bits": 4, "mse": True, "act_group_aware": False}),
-    "nf4": ("llmquant", {"algo": "nf4"}),
-    "gptq-w3-mse": ("llmquant", {"algo": "gptq", "bits": 3, "mse": True}),
-    "gptq-w4-desc-act": ("llmquant", {"algo": "gptq", "bits": 4, "desc_act": True, "act_group_aware": False}),
-    "gptq-w4-no-act-order": ("llmquant", {"algo": "gptq", "bits": 4, "act_group_aware": False}),
-    "gptq-w3": ("llmquant", {"algo": "gptq", "bits": 3}),
-    "gptqmodel-gptq-w4": ("gptqmodel", {"bits": 4}),  # its default order: act_group_aware, as our gptq-w4
-    "gptqmodel-gptq-w4-no-act-order": ("gptqmodel", {"bits": 4, "act_group_aware": False}),
-    "gptqmodel-gptq-w4-mse": ("gptqmodel", {"bits": 4, "mse": 2.0}),  # its clipping search, squared error as ours
-    "gptqmodel-gptq-w3": ("gptqmodel", {"bits": 3}),  # the same settings as our gptq-w3
-    "llmcompressor-gptq-w4": ("llmcompressor", {"modifier": "GPTQModifier"}),  # its default order: actorder "static"
-    "llmcompressor-gptq-w4-no-act-order": ("llmcompressor", {"modifier": "GPTQModifier", "actorder": None}),
-    "llmcompressor-rtn-w4": ("llmcompressor", {"modifier": "QuantizationModifier"}),
-    "bitsandbytes-nf4": ("bitsandbytes", {}),
-}
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = Path(__file__).resolve().parent / "results"
+if not __package__:  # run as a script (python eval/benchmarks/bench_peers.py): make `eval.benchmarks` importable
+    sys.path.insert(0, str(ROOT))
 
+from eval.benchmarks.peers_report import rebuild  # noqa: E402
+from eval.benchmarks.peers_rows import (  # noqa: E402
+    CALIB_SAMPLES,
+    CALIB_SEQLEN,
+    LLMQUANT_RUNTIME,
+    ROWS,
+    decode_runtime,
+    needs_samples,
+)
+from llmquant.deps import require  # noqa: E402
 
-def needs_samples(row: str) -> bool:
-    tool, settings = ROWS[row]
-    return settings.get("algo") == "gptq" or tool == "gptqmodel" or settings.get("modifier") == "GPTQModifier"
+# llm-compressor pins its own transformers: its rows run in a Python of their own (--llmcompressor-python)
+LLMCOMPRESSOR_ENV = "python -m venv /work/llmc-venv && /work/llmc-venv/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1 pluggy"
 
 
 # ---------------------------------------------------------------- child: quantize one row
@@ -87,7 +82,7 @@ def quantize_row(args: argparse.Namespace) -> None:
 
 
 def _llmquant(args: argparse.Namespace, settings: dict[str, Any], samples: Any) -> Callable[[], Any]:
-    from eval.real_models import wiki_extracts
+    from eval.benchmarks.real_models import wiki_extracts
     from llmquant.api import quantize
 
     groups = {} if settings["algo"] == "nf4" else {"group_size": args.group_size, "symmetric": True}
@@ -96,22 +91,25 @@ def _llmquant(args: argparse.Namespace, settings: dict[str, Any], samples: Any) 
 
 
 def _gptqmodel(args: argparse.Namespace, settings: dict[str, Any], samples: Any) -> Callable[[], Any]:
-    from gptqmodel import GPTQModel, QuantizeConfig
+    gptqmodel = require("gptqmodel", extra="loaders", purpose="the GPTQModel rows of the peers benchmark")
 
     def job() -> None:
-        config = QuantizeConfig(bits=settings["bits"], group_size=args.group_size, sym=True, desc_act=False, damp_percent=0.01,
-                                act_group_aware=settings.get("act_group_aware", True), mse=settings.get("mse", 0.0))
-        model = GPTQModel.load(args.model, config)
+        config = gptqmodel.QuantizeConfig(bits=settings["bits"], group_size=args.group_size, sym=True, desc_act=False,
+                                          damp_percent=0.01, act_group_aware=settings.get("act_group_aware", True),
+                                          mse=settings.get("mse", 0.0))
+        model = gptqmodel.GPTQModel.load(args.model, config)
         model.quantize([{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples])
         model.save(args.out)
     return job
 
 
 def _llmcompressor(args: argparse.Namespace, settings: dict[str, Any], samples: Any) -> Callable[[], Any]:
-    import llmcompressor.modifiers.quantization as modifiers
     import torch
-    from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    purpose = "the llm-compressor rows of the peers benchmark"
+    modifiers = require("llmcompressor.modifiers.quantization", install=LLMCOMPRESSOR_ENV, purpose=purpose)
+    oneshot = require("llmcompressor", install=LLMCOMPRESSOR_ENV, purpose=purpose).oneshot
 
     def job() -> None:
         scheme = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
@@ -138,6 +136,8 @@ def _bitsandbytes(args: argparse.Namespace, settings: dict[str, Any], samples: A
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    require("bitsandbytes", extra="loaders", purpose="the bitsandbytes rows of the peers benchmark")  # transformers imports it
+
     def job() -> None:
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=config, dtype=torch.float32, device_map="cpu")
@@ -148,31 +148,13 @@ def _bitsandbytes(args: argparse.Namespace, settings: dict[str, Any], samples: A
 
 # ---------------------------------------------------------------- child: score one output
 
-LLMQUANT_RUNTIME = "llmquant int4 kernel"
-
-
-def decode_runtime(row: str) -> str:
-    """The runtime a CPU user of this output would decode with: llmquant's own int4 kernel for its
-    4-bit GPTQ files, and the loader the format was written for otherwise (our NF4 files are
-    bitsandbytes files; 3-bit GPTQ files are what GPTQModel's torch kernel serves)."""
-    if row == "fp32":
-        return "transformers"
-    tool, settings = ROWS[row]
-    if tool == "llmquant":
-        if settings["algo"] == "nf4":
-            return "transformers + bitsandbytes"
-        return LLMQUANT_RUNTIME if settings.get("bits") == 4 else "transformers + gptqmodel"
-    return {"gptqmodel": "transformers + gptqmodel", "llmcompressor": "transformers + compressed-tensors",
-            "bitsandbytes": "transformers + bitsandbytes"}[tool]
-
-
 def score_row(args: argparse.Namespace) -> None:
     """Perplexity (float32, common runtime) and decode speed (user's runtime, bf16) of one output."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from eval.perplexity import perplexity
-    from eval.real_models import wikitext_path
+    from eval.benchmarks.real_models import wikitext_path
     from eval.speed import measure_speed
     from llmquant.runtime import load_quantized
 
@@ -253,7 +235,7 @@ def read_speed_mb_s(folder: Path) -> float:
 
 def baseline_mb(args: argparse.Namespace) -> float:
     """Peak RSS of a process that only imports what a quantization run imports (the formula's B)."""
-    from eval.limits import run_measured
+    from eval.benchmarks.limits import run_measured
 
     code = "import torch, transformers, llmquant.api, llmquant.host.runner; from eval.memory import peak_rss_mb; print(peak_rss_mb())"
     done = run_measured([sys.executable, "-c", code], env=child_env(args))
@@ -264,16 +246,16 @@ def run_model(name: str, args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from eval.limits import run_measured
+    from eval.benchmarks.limits import run_measured
     from eval.memory import disk_bytes
-    from eval.memory_model import shapes_of
-    from eval.real_models import MODELS, model_folder, wiki_extracts
+    from eval.benchmarks.memory_model import shapes_of
+    from eval.benchmarks.real_models import MODELS, model_folder, wiki_extracts
     from llmquant.host.calibration_data import CalibrationConfig, load_calibration
 
     spec = MODELS[name]
     args.group_size, args.ppl_windows = args.group_size_override or spec.group_size, args.ppl_windows_override or spec.ppl_windows
     model = model_folder(name)
-    results_path = ROOT / "eval" / "results" / f"peers_{name}.json"
+    results_path = RESULTS / f"peers_{name}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": {}}
     work = Path(args.work) / name
     work.mkdir(parents=True, exist_ok=True)
@@ -369,25 +351,24 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/llmquant-bench-peers")
     parser.add_argument("--redo", action="store_true", help="recompute rows already in the results")
     parser.add_argument("--no-score", action="store_true", help="quantize only; score later")
-    parser.add_argument("--readme", action="store_true", help="only rebuild the README section and plots from the results")
+    parser.add_argument("--docs", action="store_true",
+                        help="only rebuild the peers section of docs/benchmarks.md and the plot from the results")
+    parser.add_argument("--readme", dest="docs", action="store_true", help=argparse.SUPPRESS)  # the old name of --docs
     parser.add_argument("--quantize", help=argparse.SUPPRESS)
     parser.add_argument("--score", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--samples", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", dest="model_dir", help=argparse.SUPPRESS)
     args, _ = parser.parse_known_args()
-    sys.path.insert(0, str(ROOT))
     if args.quantize or args.score:
         args.row, args.model = args.quantize or args.score, args.model_dir
         args.group_size, args.ppl_windows = args.group_size_override, args.ppl_windows_override
         return quantize_row(args) if args.quantize else score_row(args)
-    if not args.readme:
-        from eval.real_models import MODELS
+    if not args.docs:
+        from eval.benchmarks.real_models import MODELS
 
         for name in MODELS if args.model == "all" else args.model.split(","):
             run_model(name, args)
-    from eval.peers_report import rebuild
-
     rebuild(ROOT)
 
 

