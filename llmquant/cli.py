@@ -296,14 +296,17 @@ def _configure_output(verbose: bool) -> None:
     """Show llmquant's own progress and summary; with `verbose`, everything every library says.
 
     Quiet mode drops other libraries' warnings (deprecation notices, optional kernels that did not
-    load) and log records below ERROR, and the `datasets` progress bars; errors always show.
+    load) and their log records below ERROR, and the `datasets` progress bars; errors always show.
+    A root logger configured already (by an embedding program or pytest) is left as it is.
     """
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+    root = logging.getLogger()
+    ours = not root.handlers
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if verbose:
         return
-    handler.addFilter(_OwnInfoOthersErrors())
+    if ours:
+        for handler in root.handlers:
+            handler.addFilter(_OwnInfoOthersErrors())
     warnings.filterwarnings("ignore", module=r"(?!llmquant)")
     for variable, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DATASETS_VERBOSITY", "error"),
                             ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):

@@ -99,3 +99,28 @@ def test_gptq_without_calib_flag_is_one_line(tiny_llama: Path, tmp_path: Path, c
 def test_unavailable_device_is_one_line(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], device: str, message: str) -> None:
     assert main(["quantize", str(tiny_llama), "-o", str(tmp_path / "out"), "--device", device, "--group-size", "64"]) == 1
     assert message in capsys.readouterr().err
+
+
+QUIET_PROBE = """
+import logging, warnings
+from llmquant.cli import _configure_output
+_configure_output({verbose})
+warnings.warn_explicit("a third-party deprecation", DeprecationWarning, "lib.py", 1, module="somelib")
+warnings.warn_explicit("llmquant's own warning", UserWarning, "x.py", 1, module="llmquant.host.runner")
+logging.getLogger("somelib").warning("a third-party log warning")
+logging.getLogger("somelib").error("a third-party error")
+logging.getLogger("llmquant.host.runner").info("our progress")
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+def test_quiet_by_default_and_everything_with_v(verbose: bool) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-W", "default", "-c", QUIET_PROBE.format(verbose=verbose)],
+                          capture_output=True, text=True, check=True)
+    for shown in ("llmquant's own warning", "a third-party error", "our progress"):
+        assert shown in done.stderr
+    for hidden in ("a third-party deprecation", "a third-party log warning"):
+        assert (hidden in done.stderr) is verbose, done.stderr
