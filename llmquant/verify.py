@@ -17,6 +17,7 @@ loader's top 20 is given its 20th probability, an upper bound).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -182,7 +183,8 @@ def verify_output(path: str | os.PathLike[str], *, loaders: tuple[str, ...] = ("
             loaders = tuple(name for name in loaders if name != "transformers")
     if "transformers" in loaders:
         try:
-            theirs, note = _transformers(folder, prompts, torch.float32)
+            with contextlib.redirect_stdout(sys.stderr):  # gptqmodel prints a banner; stdout is for the table/JSON
+                theirs, note = _transformers(folder, prompts, torch.float32)
             check = _compare("transformers", reference, theirs, max_kl=max_kl, min_top2=min_top2)
             check.message = "; ".join(m for m in (check.message, note) if m)
         except Exception as exc:  # a loader's refusal is the answer, whatever its type
