@@ -23,6 +23,7 @@ __all__ = ["CARD", "MEASURED_END", "MEASURED_START", "card_settings", "next_comm
            "write_card"]
 
 CARD = "README.md"
+FOLDER = "model-dir"  # what the card's commands call the output folder
 MEASURED_START, MEASURED_END = "<!-- llmquant:measured:start -->", "<!-- llmquant:measured:end -->"
 
 # what each format needs beside transformers to load in transformers, and which servers take it
@@ -82,7 +83,7 @@ def _front_matter(meta: dict[str, Any], settings: dict[str, Any]) -> dict[str, A
             "quantized_by": "llmquant", "llmquant": settings}
 
 
-def _body(name: str, meta: dict[str, Any], s: dict[str, Any], size_mb: float) -> str:
+def _body(meta: dict[str, Any], s: dict[str, Any], size_mb: float) -> str:
     group = f"groups of {s['group_size']}" if s["group_size"] else "one scale per output channel"
     sym = {True: "symmetric", False: "asymmetric", None: "codebook"}[s["symmetric"]]
     cal = s["calibration"]
@@ -90,9 +91,12 @@ def _body(name: str, meta: dict[str, Any], s: dict[str, Any], size_mb: float) ->
                    else "none (calibration-free)")
     needs, servers = _LOADERS.get(s["format"], ("the format's integration", "see the format's documentation"))
     base = meta.get("base_model") or meta["source"]
+    name = FOLDER
     commands = next_commands(name, base, s["format"])
     mixed = "" if len({m["bits"] for m in meta["modules"] if m["bits"]}) <= 1 else " (most modules; see llmquant.json)"
-    return f"""# {name}
+    return f"""# {base}, {s['bits']}-bit `{s['algorithm']}` in `{s['format']}`
+
+`{FOLDER}` below stands for this folder's path (or its hub id once uploaded).
 
 `{base}` quantized by llmquant {s['llmquant_version']}: the decoder blocks'
 Linear weights to {s['bits']} bits{mixed} with `{s['algorithm']}`, stored in the `{s['format']}` format.
@@ -141,13 +145,17 @@ Not measured yet: the `llmquant eval ... --update-card` command above writes per
 """
 
 
-def write_card(folder: Path, name: str | None = None) -> Path:
-    """Write ``README.md`` into an output folder from its ``llmquant.json``; return its path."""
+def write_card(folder: Path) -> Path:
+    """Write ``README.md`` into an output folder from its ``llmquant.json``; return its path.
+
+    The card does not depend on the folder's name or place (it says `FOLDER` where a command needs
+    the path), so an output and a resumed or moved copy of it are byte-identical.
+    """
     meta = json.loads((folder / "llmquant.json").read_text())
     settings = card_settings(meta)
     size = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1e6
     text = "---\n" + yaml.safe_dump(_front_matter(meta, settings), sort_keys=False) + "---\n\n"
-    text += _body(name or folder.name, meta, settings, size)
+    text += _body(meta, settings, size)
     path = folder / CARD
     path.write_text(text)
     return path

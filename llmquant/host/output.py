@@ -92,7 +92,7 @@ class OutputFolder:
         for path in sorted(self.source.iterdir()):
             if path.is_file() and path.name not in _WRITTEN and not path.name.endswith(_NOT_COPIED):
                 shutil.copy2(path, self.tmp / path.name)
-        write_card(self.tmp, self.target.name)
+        write_card(self.tmp)
 
     def size(self) -> int:
         return sum(p.stat().st_size for p in self.target.rglob("*") if p.is_file())

@@ -1,0 +1,190 @@
+"""Mixture-of-experts blocks: routed experts as per-expert Linears, named as the checkpoint names them.
+
+transformers 5 holds a block's routed experts as fused 3-D parameters (``gate_up_proj (E, 2I, H)``,
+``down_proj (E, H, I)``) and fuses a checkpoint's per-expert tensors at load through its conversion
+mapping (``transformers.conversion_mapping``). llmquant reads that same mapping to learn which
+per-expert projections make up each fused parameter and in which order, replaces every fused experts
+module of the meta skeleton with `ExpertLinears` (one ``nn.Linear`` per expert and projection), and
+so quantizes, calibrates and writes each expert under the checkpoint's own per-expert names. The
+mapping's renamings (Mixtral's ``block_sparse_moe`` -> ``mlp``) give the `KeyMap` between the names
+on disk, which the output keeps, and the names in the skeleton.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llmquant.errors import CheckpointError
+
+__all__ = ["ExpertLinears", "KeyMap", "MoERules", "defuse_experts", "moe_rules"]
+
+_EXPERT = r"(?P<expert>\d+)"
+
+
+@dataclass(frozen=True)
+class MoERules:
+    """What a model type's conversion mapping says about its checkpoints.
+
+    Attributes:
+        renamings: transformers' ``WeightRenaming`` objects, applied to disk keys in order.
+        fused: per fused parameter name (``gate_up_proj``), the per-expert projection names it
+            concatenates along its rows, in order (``("gate_proj", "up_proj")``, Mixtral ``("w1", "w3")``).
+    """
+
+    renamings: tuple[Any, ...] = ()
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def moe_rules(model_type: str) -> MoERules:
+    """Read transformers' conversion mapping for `model_type` (an empty `MoERules` when it has none)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    renamings, fused = [], {}
+    for rule in get_checkpoint_conversion_mapping(model_type) or []:
+        kind = type(rule).__name__
+        if kind == "WeightRenaming":
+            renamings.append(rule)
+        elif kind == "WeightConverter" and all(".experts.*." in p for p in rule.source_patterns):
+            target = rule.target_patterns[0].rsplit(".", 1)[-1]
+            fused[target] = tuple(p.split(".experts.*.", 1)[1].removesuffix(".weight") for p in rule.source_patterns)
+    return MoERules(tuple(renamings), fused)
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """Checkpoint key <-> skeleton key; identity for every key a renaming leaves alone."""
+
+    to_model: dict[str, str]
+    to_disk: dict[str, str]
+
+    @classmethod
+    def build(cls, disk_keys: Iterable[str], rules: MoERules) -> KeyMap:
+        to_model = {}
+        for key in disk_keys:
+            renamed = key
+            for rule in rules.renamings:
+                renamed = rule.rename_source_key(renamed)[0]
+            if renamed != key:
+                to_model[key] = renamed
+        return cls(to_model, {v: k for k, v in to_model.items()})
+
+    def model(self, disk: str) -> str:
+        return self.to_model.get(disk, disk)
+
+    def disk(self, model: str) -> str:
+        return self.to_disk.get(model, model)
+
+    def disk_path(self, model_path: str) -> str:
+        """Return the on-disk name of a module path (``...mlp.experts`` -> ``...block_sparse_moe.experts``)."""
+        for model_key, disk_key in self.to_disk.items():
+            suffix = model_key[len(model_path):]
+            if model_key.startswith(model_path + ".") and disk_key.endswith(suffix):
+                return disk_key[:-len(suffix)]
+        return model_path
+
+
+class _Expert(nn.Module):
+    """One routed expert: its projections as Linears named as on disk (``gate_proj`` or ``w1`` ...)."""
+
+    def __init__(self, names: tuple[str, str, str], shapes: dict[str, tuple[int, int]], dtype: torch.dtype) -> None:
+        super().__init__()
+        for name in names:
+            out_features, in_features = shapes[name]
+            self.add_module(name, nn.Linear(in_features, out_features, bias=False, device="meta", dtype=dtype))
+
+
+class ExpertLinears(nn.ModuleList):
+    """A drop-in for transformers' fused experts module, ``forward(hidden (T, H), top_k_index (T, k),
+    top_k_weights (T, k)) -> (T, H)``, holding expert ``e``'s projections as Linears at ``{e}.{name}``.
+
+    Each expert computes ``down(act(gate(x)) * up(x))`` on the tokens routed to it, weighted by
+    their routing weight, as the fused module's eager forward does.
+    """
+
+    def __init__(self, experts: list[_Expert], roles: tuple[str, str, str], act_fn: nn.Module) -> None:
+        super().__init__(experts)
+        self.gate, self.up, self.down = roles
+        self.act_fn = act_fn
+
+    def expert_output(self, e: int, x: Tensor) -> Tensor:
+        """Return expert `e`'s output (n, H) on inputs ``x: (n, H)``, before the routing weight."""
+        expert = self[e]
+        return getattr(expert, self.down)(self.intermediate(e, x))
+
+    def intermediate(self, e: int, x: Tensor) -> Tensor:
+        """Return ``act(gate(x)) * up(x)``, the input of expert `e`'s down projection."""
+        expert = self[e]
+        return self.act_fn(getattr(expert, self.gate)(x)) * getattr(expert, self.up)(x)
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e in top_k_index.unique().tolist():
+            if not 0 <= e < len(self):
+                continue  # an index past the last expert marks a dropped slot
+            token, slot = torch.where(top_k_index == e)
+            y = self.expert_output(e, hidden_states[token]) * top_k_weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+def defuse_experts(model: nn.Module, model_type: str, disk_shapes: dict[str, tuple[int, ...]], keys: KeyMap,
+                   rules: MoERules) -> list[str]:
+    """Replace every fused experts module of the meta skeleton `model` by `ExpertLinears`.
+
+    Args:
+        disk_shapes: the checkpoint's tensor shapes by key, to find each expert's projections.
+        keys, rules: from `moe_rules` / `KeyMap.build` for `model_type`.
+
+    Returns:
+        The skeleton paths of the replaced modules (empty for a dense model).
+
+    Raises:
+        CheckpointError: a module holds fused 3-D expert parameters that the checkpoint does not
+            store per expert (gpt-oss: fused, transposed, gate/up interleaved), or whose projections
+            the conversion mapping does not describe.
+    """
+    replaced = []
+    for path, module in list(model.named_modules()):
+        fused = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
+        if not fused:
+            continue
+        if not rules.fused or not set(fused) <= set(rules.fused):
+            raise CheckpointError(
+                f"{path} holds fused expert tensors ({', '.join(f'{n} {tuple(p.shape)}' for n, p in fused.items())}) that "
+                f"model_type {model_type!r} stores fused on disk, not per expert; llmquant quantizes experts stored per "
+                f"expert (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3) and cannot yet quantize this layout"
+            )
+        roles = _roles(rules, fused)
+        count = next(iter(fused.values())).shape[0]
+        dtype = next(iter(fused.values())).dtype
+        pattern = re.compile(rf"^{re.escape(keys.disk_path(path))}\.{_EXPERT}\.(?P<name>[^.]+)\.weight$")
+        shapes: dict[int, dict[str, tuple[int, int]]] = {}
+        for key, shape in disk_shapes.items():
+            match = pattern.match(key)
+            if match and match["name"] in roles:
+                shapes.setdefault(int(match["expert"]), {})[match["name"]] = (int(shape[0]), int(shape[1]))
+        if sorted(shapes) != list(range(count)) or any(len(s) != 3 for s in shapes.values()):
+            raise CheckpointError(
+                f"{path}: the checkpoint lacks per-expert tensors {keys.disk_path(path)}.N.{{{','.join(roles)}}}.weight for "
+                f"some of its {count} experts; the checkpoint does not match its config.json"
+            )
+        experts = [_Expert(roles, shapes[e], dtype) for e in range(count)]
+        model.set_submodule(path, ExpertLinears(experts, roles, module.act_fn))
+        replaced.append(path)
+    return replaced
+
+
+def _roles(rules: MoERules, fused: dict[str, Any]) -> tuple[str, str, str]:
+    """Return the per-expert (gate, up, down) projection names from the fused parameters' sources."""
+    pairs = [rules.fused[n] for n in fused if len(rules.fused[n]) == 2]
+    singles = [rules.fused[n] for n in fused if len(rules.fused[n]) == 1]
+    if len(pairs) != 1 or len(singles) != 1:
+        raise CheckpointError(f"fused experts {sorted(fused)}: expected one gate/up pair and one down projection")
+    (gate, up), (down,) = pairs[0], singles[0]
+    return gate, up, down
