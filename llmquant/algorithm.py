@@ -172,7 +172,10 @@ class Algorithm(Protocol):
             W: (out_features, in_features) float tensor, on the device the host chose; not modified.
             config: an instance of `config_type`.
             stats: calibration statistics of this layer's input, or None when
-                `needs_calibration` is False.
+                `needs_calibration` is False, or when calibration did not reach this weight (a
+                routed expert that too few calibration tokens were sent to): a calibrated
+                algorithm then returns its calibration-free result (GPTQ: round-to-nearest on
+                its grid), which the host records as a fallback.
 
         Returns:
             An instance of `result_type`, on `W`'s device.

@@ -70,6 +70,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="single-pass: one forward per block, all batches in flight (fastest); replay: one pass per "
                    "sequential group, one batch in flight; auto (default): single-pass when it fits --calib-memory")
     c.add_argument("--seed", type=int, help="seed for the order of calibration documents (default 0)")
+    m = q.add_argument_group("mixture-of-experts models")
+    m.add_argument("--moe-calibration", choices=["routed", "all"],
+                   help="expert Hessians from the tokens routed to each expert (routed, default) or from every token "
+                   "(all; the block's output still keeps only the routed contributions)")
+    m.add_argument("--moe-min-tokens", type=float, help="with routed: an expert that receives less than this share of the "
+                   "calibration tokens is quantized without calibration (default 0.005)")
+    m.add_argument("--moe-memory", help="memory for one chunk of experts' Hessians (default 1GB)")
+    m.add_argument("--quantize-moe-gates", dest="keep_moe_gates", action="store_false", default=None,
+                   help="quantize router and shared-expert gates that are Linears (kept in float by default)")
     g = q.add_argument_group("gptq")
     g.add_argument("--damp-percent", type=float, help="Hessian dampening as a fraction of its mean diagonal (default 0.01)")
     g.add_argument("--desc-act", action="store_true", default=None, help="act-order: columns by decreasing Hessian diagonal")
@@ -148,11 +157,12 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     flags = {
         "algo": args.algo, "format": args.format, "bits": args.bits, "group_size": args.group_size,
         "symmetric": args.symmetric, "dtype": args.dtype, "max_shard_size": args.max_shard_size,
-        "device": args.device, "ignore": args.ignore,
+        "device": args.device, "ignore": args.ignore, "keep_moe_gates": args.keep_moe_gates,
         **{k: getattr(args, k) for k in (
             "calib", "calib_samples", "calib_seqlen", "calib_split", "calib_column", "calib_config", "calib_chat_template",
             "calib_batch_size", "calib_dtype", "calib_memory", "calib_mode", "seed", "damp_percent", "desc_act", "static_groups",
-            "act_group_aware", "mse", "mse_weight", "blocksize", "double_quant", "codebook")},
+            "act_group_aware", "mse", "mse_weight", "blocksize", "double_quant", "codebook", "moe_calibration",
+            "moe_min_tokens", "moe_memory")},
     }
     settings.update({k: v for k, v in flags.items() if v is not None})
     if args.per_channel:
@@ -173,9 +183,11 @@ def _quantize(args: argparse.Namespace) -> None:
 
     settings, where = _settings(args)
     report = quantize(args.model, args.output, settings, overwrite=args.overwrite, resume=args.resume, where=where)
-    kept = len(report.modules) - report.quantized
+    kept = report.kept()
+    why = f" ({', '.join(f'{n} {reason}' for reason, n in kept.items())})" if kept else ""
     print(
-        f"wrote {report.output}: {report.quantized} Linears quantized ({settings.get('algo', 'rtn')}), {kept} kept in float; "
+        f"wrote {report.output}: {report.quantized} weight matrices quantized ({settings.get('algo', 'rtn')}), "
+        f"{sum(kept.values())} kept in float{why}; "
         f"{report.input_bytes / 1e6:.1f} MB -> {report.output_bytes / 1e6:.1f} MB "
         f"({report.input_bytes / max(report.output_bytes, 1):.2f}x smaller) in {report.seconds:.1f} s"
     )

@@ -59,6 +59,8 @@ class QuantizeConfig:
         max_shard_size: cap on one output safetensors file, e.g. "2GB".
         device: where blocks run and weights are quantized: "auto" (CUDA when present, else CPU),
             "cpu", "cuda", "cuda:1".
+        keep_moe_gates: keep the router and shared-expert gates of mixture-of-experts blocks in
+            float (the router is usually not an nn.Linear at all, and is then always kept).
         params: the algorithm's own fields, validated by its `config_type`.
     """
 
@@ -69,6 +71,7 @@ class QuantizeConfig:
     dtype: str = "auto"
     max_shard_size: str = "2GB"
     device: str = "auto"
+    keep_moe_gates: bool = True
     params: Mapping[str, Any] = field(default_factory=dict)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
@@ -91,6 +94,7 @@ class QuantizeConfig:
             "algo": self.algo, "format": self.format, "ignore": list(self.ignore),
             "overrides": [{"pattern": o.pattern, **o.params} for o in self.overrides],
             "dtype": self.dtype, "max_shard_size": self.max_shard_size, "device": self.device,
+            **({} if self.keep_moe_gates else {"keep_moe_gates": False}),
             **dict(self.params),
             **dataclasses.asdict(self.calibration),
         }

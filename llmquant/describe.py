@@ -38,8 +38,18 @@ def describe_output(path: str | os.PathLike[str]) -> dict[str, Any]:
     rows += [
         f"{m['name']:<44} {m['bits'] or '-':>4} {m['group_size'] or '-':>5} {str(m['symmetric'] if m['bits'] else '-'):>5} "
         f"{m['format']:>18} {m['bytes_fp16'] / 1024:>9.1f} {m['bytes'] / 1024:>8.1f}"
+        + (f"  kept: {m['kept']}" if m.get("kept") else "") + (f"  {m['calibration']}" if m.get("calibration") else "")
         for m in modules
     ]
+    kept: dict[str, int] = {}
+    for m in modules:
+        if m["bits"] is None:
+            reason = str(m.get("kept", "your ignore rules")).split(":")[0]
+            kept[reason] = kept.get(reason, 0) + 1
+    fallbacks = sum(1 for m in modules if m.get("calibration"))
+    rows.append(f"weight matrices in the blocks: {len(modules) - sum(kept.values())} quantized, {sum(kept.values())} kept in float"
+                + (f" ({', '.join(f'{n} {r}' for r, n in kept.items())})" if kept else "")
+                + (f"; {fallbacks} expert projections quantized without calibration (too few routed tokens)" if fallbacks else ""))
     before = sum(m["bytes_fp16"] for m in modules)
     after = sum(m["bytes"] for m in modules)
     rows.append(f"Linears: {before / 1e6:.2f} MB in fp16 -> {after / 1e6:.2f} MB ({before / max(after, 1):.2f}x); "

@@ -21,6 +21,7 @@ from llmquant.errors import CheckpointError
 from llmquant.formats import OutputFormat
 from llmquant.host.arch import build_skeleton
 from llmquant.host.checkpoint import Checkpoint
+from llmquant.host.moe import KeyMap, defuse_experts, moe_rules
 from llmquant.plugins import Plugins, get_plugin_manager
 
 __all__ = ["Int4Linear", "QuantLinear", "load_quantized"]
@@ -153,6 +154,9 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = 
     model: Any = build_skeleton(config)  # a transformers PreTrainedModel
     checkpoint = Checkpoint(folder)
     keys = sorted(checkpoint)
+    rules = moe_rules(config.model_type)
+    names = KeyMap.build(keys, rules)
+    defuse_experts(model, config.model_type, _linear_shapes(folder, checkpoint), names, rules)
     quantized = sorted({m for m in map(fmt.quantized_module, keys) if m is not None})
     done: set[str] = set()
     for name in quantized:
@@ -163,9 +167,9 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = 
         result = module.result() if use_kernel and isinstance(module, QuantLinear) else None
         if result is not None and Int4Linear.kernel_group_size(result) is not None:
             module = Int4Linear(result, bias, dtype)
-        model.set_submodule(name, module)
+        model.set_submodule(names.model(name), module)
         done.update(own, [f"{name}.bias"])
-    state = {k: _as(checkpoint[k], dtype) for k in keys if k not in done}
+    state = {names.model(k): _as(checkpoint[k], dtype) for k in keys if k not in done}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
@@ -174,6 +178,14 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = 
     if (folder / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     return model.eval()
+
+
+def _linear_shapes(folder: Path, checkpoint: Checkpoint) -> dict[str, tuple[int, ...]]:
+    """``(out, in)`` of every weight matrix by module name on disk: the run record's, else the float tensors'."""
+    record = folder / "llmquant.json"
+    if record.exists():
+        return {m["name"]: tuple(m["shape"]) for m in json.loads(record.read_text())["modules"]}
+    return {k.removesuffix(".weight"): info.shape for k, info in checkpoint.infos.items() if len(info.shape) == 2}
 
 
 def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:

@@ -32,7 +32,8 @@ from torch import Tensor
 from llmquant import hookimpl
 from llmquant.algorithm import Algorithm, CalibrationStats, UniformQuantized
 from llmquant.errors import ConfigError, LlmquantError, ShapeError
-from llmquant.uniform import UniformConfig, best_clip, check_groups, minmax_params, quantize_to_codes, to_stored_precision
+from llmquant.uniform import (UniformConfig, best_clip, check_groups, minmax_params, minmax_quantize, quantize_to_codes,
+                              to_stored_precision)
 
 __all__ = ["GPTQ", "GPTQConfig", "gptq_quantize", "find_params"]
 
@@ -245,8 +246,8 @@ class GPTQ:
 
     def quantize_weight(self, W: Tensor, config: GPTQConfig, stats: CalibrationStats | None) -> UniformQuantized:
         """Quantize ``W: (out, in)`` with ``stats.H: (in, in)``."""
-        if stats is None:
-            raise LlmquantError("GPTQ needs calibration data: pass --calib SOURCE (a text file, folder or dataset)")
+        if stats is None:  # no calibration reached this weight (a rarely routed expert): round to nearest
+            return minmax_quantize(W, config.bits, config.group_size, config.symmetric)
         if stats.H.shape != (W.shape[1], W.shape[1]):
             raise ShapeError(f"GPTQ: Hessian of shape {tuple(stats.H.shape)} does not match a weight of shape {tuple(W.shape)}")
         return gptq_quantize(W, stats.H, config)

@@ -98,7 +98,7 @@ def same_in_every_block(records: list[ModuleRecord]) -> list[str] | None:
     same ones in every block (what transformers' ``modules_in_block_to_quantize`` can say)."""
     by_block: dict[str, tuple[list[str], bool]] = {}
     for r in records:
-        match = re.match(r"^(.*\.\d+)\.(.+)$", r.name)
+        match = re.match(r"^(.*?\.\d+)\.(.+)$", r.name)  # the block: up to the first index
         if match is None:
             return None
         names, any_kept = by_block.get(match.group(1), ([], False))

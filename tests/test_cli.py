@@ -17,7 +17,7 @@ def test_quantize_then_inspect(tiny_llama: Path, tmp_path: Path, capsys: pytest.
     code = main(["quantize", str(tiny_llama), "-o", str(out), "--config", str(CONFIGS / "w4-g64-rtn-down8.toml"), "--asym"])
     assert code == 0
     summary = capsys.readouterr().out
-    assert "14 Linears quantized (rtn), 0 kept in float" in summary and "smaller" in summary
+    assert "14 weight matrices quantized (rtn), 0 kept in float;" in summary and "smaller" in summary
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     modules = {m["name"]: m for m in info["modules"]}

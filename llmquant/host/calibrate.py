@@ -25,9 +25,7 @@ The plugin sees only ``W`` and ``H``; hooks, devices and Hessians belong to the 
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -42,8 +40,11 @@ from llmquant.algorithm import CalibrationStats
 from llmquant.host.activations import ActivationStore
 from llmquant.host.arch import BlockLayout
 from llmquant.host.checkpoint import Checkpoint
+from llmquant.host.expert_calibration import ExpertPolicy, calibrate_experts
+from llmquant.host.moe import ExpertLinears, KeyMap
+from llmquant.host.workers import Stop, Worker, release, return_freed_memory, share_malloc_arena
 
-__all__ = ["HessianAccumulator", "SequentialCalibrator", "accumulate_hessian", "return_freed_memory"]
+__all__ = ["HessianAccumulator", "SequentialCalibrator", "accumulate_hessian"]
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,6 @@ QuantizeModule = Callable[[str, CalibrationStats], Tensor]
 # Hidden-width values per token that a Llama-style block keeps alive while parked at a group
 # (residual, normed input, q/k/v and their expanded copies, attention output), measured on SmolLM2.
 IN_FLIGHT_WIDTHS = 16
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass early, once what it needed has been seen."""
 
 
 @dataclass
@@ -111,7 +108,7 @@ class _Recorder(nn.Module):
         hidden: Tensor = args[0] if args else kwargs.pop("hidden_states")
         self.sink(self.index, hidden, {**kwargs, **({"__args__": args[1:]} if len(args) > 1 else {})})
         if self.last:
-            raise _Stop
+            raise Stop
         return hidden
 
 
@@ -127,11 +124,17 @@ class SequentialCalibrator:
         dtype: activation and block compute dtype.
         device: where blocks run.
         memory: activation budget in bytes; past it activations spill to `spill_dir`.
+        keys: checkpoint key <-> skeleton key (MoE checkpoints whose names transformers renames).
+        experts: how routed experts are calibrated (`ExpertPolicy`).
     """
 
     def __init__(self, model: nn.Module, layout: BlockLayout, checkpoint: Checkpoint, samples: Tensor, *,
-                 batch_size: int, dtype: torch.dtype, device: str, memory: int, spill_dir: Path, mode: str = "auto") -> None:
+                 batch_size: int, dtype: torch.dtype, device: str, memory: int, spill_dir: Path, mode: str = "auto",
+                 keys: KeyMap | None = None, experts: ExpertPolicy | None = None) -> None:
         self.model, self.layout, self.checkpoint = model, layout, checkpoint
+        self.keys = keys or KeyMap({}, {})
+        self.expert_policy = experts or ExpertPolicy()
+        self.fallbacks: dict[str, int] = {}  # expert projections quantized without calibration -> tokens seen
         self.dtype, self.device = dtype, torch.device(device)
         self.batches = list(torch.split(samples, batch_size))
         self.inputs = ActivationStore(spill_dir, memory // 2, "inputs")
@@ -140,7 +143,7 @@ class SequentialCalibrator:
         self._groups: dict[tuple[str, ...], list[list[str]]] = {}
         self.memory, self.mode = memory, mode
         self.single_pass = mode == "single-pass"
-        _share_malloc_arena()
+        share_malloc_arena()
 
     @property
     def tokens(self) -> int:
@@ -165,13 +168,13 @@ class SequentialCalibrator:
                 for batch, ids in enumerate(self.batches):
                     try:
                         self.model(input_ids=ids.to(self.device), use_cache=False)
-                    except _Stop:
+                    except Stop:
                         pass
         finally:
             for i, block in enumerate(originals):
                 blocks[i] = block
             for name in loaded:
-                _release(self.model, name)
+                release(self.model, name)
         if self.mode == "auto":
             hidden = self.inputs[0].shape[-1]
             needed = self.tokens * hidden * self.dtype.itemsize * (2 + IN_FLIGHT_WIDTHS)
@@ -198,9 +201,10 @@ class SequentialCalibrator:
         prefix = self.layout.prefix + "."
         state = {}
         for name, param in self.model.named_parameters():
-            if id(param) in skip or name.startswith(prefix) or name not in self.checkpoint:
+            disk = self.keys.disk(name)
+            if id(param) in skip or name.startswith(prefix) or disk not in self.checkpoint:
                 continue
-            state[name] = self.checkpoint[name].to(self.device, self.dtype)
+            state[name] = self.checkpoint[disk].to(self.device, self.dtype)
         self.model.load_state_dict(state, strict=False, assign=True)
         return list(state)
 
@@ -208,90 +212,102 @@ class SequentialCalibrator:
         """Calibrate and quantize block `index`, then compute its outputs as the next block's inputs.
 
         Args:
-            quantize: called once per Linear in `targets` (full names) with its input statistics,
-                in true-sequential order; returns the dequantized weight to continue with.
+            quantize: called once per Linear in `targets` (full skeleton names) with its input
+                statistics, in true-sequential order; returns the dequantized weight to continue with.
         """
         block = self._materialize(index)
-        linears = {f"{self.layout.block_name(index)}.{rel}": m for rel, m in block.named_modules() if isinstance(m, nn.Linear)}
-        groups = self._sequential_groups(index, block, linears)
+        name = self.layout.block_name(index)
+        experts = {f"{name}.{rel}": m for rel, m in block.named_modules() if isinstance(m, ExpertLinears)}
+        linears: dict[str, nn.Module] = {f"{name}.{rel}": m for rel, m in block.named_modules() if isinstance(m, nn.Linear)
+                                         and not any(f"{name}.{rel}".startswith(e + ".") for e in experts)}
+        linears.update(experts)  # an experts module is one group, calibrated by `calibrate_experts`
+        groups = self._sequential_groups(index, block, linears, set(experts))
         if self.single_pass:
             self._single_pass(index, block, linears, groups, quantize, targets)
         else:
             self._replay(index, block, linears, groups, quantize, targets)
         for param_name, _ in list(block.named_parameters()):
-            _release(block, param_name)
+            release(block, param_name)
         self.inputs, self.outputs = self.outputs, self.inputs
         return_freed_memory()
 
-    def _replay(self, index: int, block: nn.Module, linears: dict[str, nn.Linear], groups: list[list[str]],
+    def _collector(self, group: list[str], modules: dict[str, nn.Module], quantize: QuantizeModule,
+                   targets: set[str]) -> _Group | None:
+        """Return what gathers a group's inputs and quantizes it, or None when nothing in it is a target."""
+        wanted = [n for n in group if n in targets or any(t.startswith(n + ".") for t in targets)]
+        if not wanted:
+            return None
+        first = modules[group[0]]
+        if isinstance(first, ExpertLinears):
+            return _ExpertsGroup(self, group[0], first, quantize, targets)
+        return _LinearGroup(HessianAccumulator(first.in_features, self.device), [(n, modules[n]) for n in wanted], quantize,
+                            self.device, self.dtype)
+
+    def _replay(self, index: int, block: nn.Module, modules: dict[str, nn.Module], groups: list[list[str]],
                 quantize: QuantizeModule, targets: set[str]) -> None:
         """One pass over the batches per sequential group, each stopped at the group's input, then
         one full pass for the outputs: more compute, but only one batch's activations alive."""
         with torch.no_grad():
             for group in groups:
-                wanted = [n for n in group if n in targets]
-                if not wanted:
+                collector = self._collector(group, modules, quantize, targets)
+                if collector is None:
                     continue
-                hessian = HessianAccumulator(linears[group[0]].in_features, self.device)
 
-                def stop_at_input(module: nn.Module, args: tuple[Tensor, ...], hessian: HessianAccumulator = hessian) -> None:
-                    hessian.add(args[0])
-                    raise _Stop  # the rest of the block is not needed for this group
+                def stop_at_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                                  collector: _Group = collector) -> None:
+                    collector.add(args, kwargs)
+                    raise Stop  # the rest of the block is not needed for this group
 
-                handle = linears[group[0]].register_forward_pre_hook(stop_at_input)
+                handle = modules[group[0]].register_forward_pre_hook(stop_at_input, with_kwargs=True)
                 try:
                     for b in range(len(self.batches)):
                         try:
                             self._forward(index, block, b)
-                        except _Stop:
+                        except Stop:
                             pass
                 finally:
                     handle.remove()
-                stats = hessian.stats()
-                for name in wanted:
-                    linears[name].weight.data = quantize(name, stats).to(self.device, self.dtype)
+                collector.finish()
             for b in range(len(self.batches)):
                 self.outputs.put(b, self._forward(index, block, b))
 
-    def _single_pass(self, index: int, block: nn.Module, linears: dict[str, nn.Linear], groups: list[list[str]],
+    def _single_pass(self, index: int, block: nn.Module, modules: dict[str, nn.Module], groups: list[list[str]],
                      quantize: QuantizeModule, targets: set[str]) -> None:
         """One forward pass per batch does it all: each batch runs in its own worker thread, and a
-        hook on the first Linear of every sequential group parks the worker there. Once every
-        batch is parked at a group, the group's Hessian covers all calibration tokens; the group is
+        hook on the first module of every sequential group parks the worker there. Once every
+        batch is parked at a group, the group's inputs cover all calibration tokens; the group is
         quantized, its weights swapped for the dequantized ones, and the workers move on to the
         next group. Workers take turns (one runs at a time), so torch keeps all cores per op.
         The price is that every batch's in-flight activations are alive at once."""
-        hessians: dict[int, HessianAccumulator] = {}
-        workers = [_Worker(functools.partial(self._forward, index, block, b), name=f"calib-{b}") for b in range(len(self.batches))]
+        collectors: dict[int, _Group] = {}
+        workers = [Worker(functools.partial(self._forward, index, block, b), name=f"calib-{b}") for b in range(len(self.batches))]
 
         def park(group: int) -> Callable[..., None]:
-            def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 worker = threading.current_thread()
-                if not isinstance(worker, _Worker):
+                if not isinstance(worker, Worker):
                     return
                 if worker.next_group != group:
                     raise RuntimeError(f"{groups[group][0]} ran out of the order seen when probing the block")
-                if group in hessians:
-                    hessians[group].add(args[0])
+                if group in collectors:
+                    collectors[group].add(args, kwargs)
                 worker.next_group += 1
                 worker.park()
 
             return hook
 
-        handles = [linears[group[0]].register_forward_pre_hook(park(g)) for g, group in enumerate(groups)]
+        handles = [modules[group[0]].register_forward_pre_hook(park(g), with_kwargs=True) for g, group in enumerate(groups)]
         try:
             for worker in workers:
                 worker.start()
             for g, group in enumerate(groups):
-                wanted = [n for n in group if n in targets]
-                if wanted:
-                    hessians[g] = HessianAccumulator(linears[group[0]].in_features, self.device)
+                collector = self._collector(group, modules, quantize, targets)
+                if collector is not None:
+                    collectors[g] = collector
                 for worker in workers:
                     worker.step()
-                if wanted:
-                    stats = hessians.pop(g).stats()
-                    for name in wanted:
-                        linears[name].weight.data = quantize(name, stats).to(self.device, self.dtype)
+                if collector is not None:
+                    collectors.pop(g).finish()
             for b, worker in enumerate(workers):
                 worker.step()
                 assert worker.result is not None
@@ -305,7 +321,8 @@ class SequentialCalibrator:
     def _materialize(self, index: int) -> nn.Module:
         prefix = self.layout.block_name(index) + "."
         block = self.model.get_submodule(self.layout.block_name(index))
-        state = {k[len(prefix):]: self.checkpoint[k].to(self.device, self.dtype) for k in self.checkpoint if k.startswith(prefix)}
+        state = {self.keys.model(k)[len(prefix):]: self.checkpoint[k].to(self.device, self.dtype)
+                 for k in self.checkpoint if k.startswith(prefix)}
         block.load_state_dict(state, strict=False, assign=True)
         return block.eval()
 
@@ -317,8 +334,10 @@ class SequentialCalibrator:
         result: Tensor = out[0] if isinstance(out, tuple) else out
         return result
 
-    def _sequential_groups(self, index: int, block: nn.Module, linears: dict[str, nn.Linear]) -> list[list[str]]:
-        """Group Linears that read the same input tensor, in execution order (q/k/v; o; gate/up; down).
+    def _sequential_groups(self, index: int, block: nn.Module, linears: dict[str, nn.Module],
+                           experts: set[str] = frozenset()) -> list[list[str]]:  # type: ignore[assignment]
+        """Group Linears that read the same input tensor, in execution order (q/k/v; o; gate/up; down);
+        an experts module (`experts`) is a group of its own.
 
         Inputs are compared by identity while all of them are held: comparing addresses of tensors
         already freed would let the allocator's reuse of memory merge unrelated Linears.
@@ -337,8 +356,9 @@ class SequentialCalibrator:
                     h.remove()
             groups: list[list[str]] = []
             last: Tensor | None = None
+            alone = {n[len(self.layout.block_name(index)) + 1:] for n in experts}
             for rel, x in seen:
-                if groups and x is last and rel not in groups[-1]:
+                if groups and x is last and rel not in groups[-1] and rel not in alone and groups[-1][0] not in alone:
                     groups[-1].append(rel)
                 else:
                     groups.append([rel])
@@ -349,92 +369,46 @@ class SequentialCalibrator:
         return [[relative[rel] for rel in group] for group in self._groups[key]]
 
 
-def _share_malloc_arena() -> None:
-    """Make new threads allocate from the main malloc arena (glibc's M_ARENA_MAX = 1).
+class _Group:
+    """Gathers one sequential group's inputs from every batch, then quantizes the group."""
 
-    The worker threads take turns, so they gain nothing from arenas of their own, and every extra
-    arena holds freed pages that raise resident memory.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc
-        pass
+    def add(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        raise NotImplementedError
 
 
-def return_freed_memory(collect: bool = True) -> None:
-    """Collect reference cycles (with `collect`), then ask glibc to give freed heap pages back to the OS.
+class _LinearGroup(_Group):
+    """Linears reading the same input: one Hessian, shared by all of them."""
 
-    Worker threads and early-stopped forward passes leave reference cycles (frames holding
-    activations) that Python's collector would free only later, and glibc keeps freed pages
-    mapped; without this, resident memory creeps up over the first blocks. A full collection
-    costs about 0.3 s once transformers is imported, so paths without calibration, whose
-    tensors are freed by reference counting, skip it.
-    """
-    if collect:
-        gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+    def __init__(self, hessian: HessianAccumulator, linears: list[tuple[str, nn.Module]], quantize: QuantizeModule,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.hessian, self.linears, self.quantize, self.device, self.dtype = hessian, linears, quantize, device, dtype
 
+    def add(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.hessian.add(args[0] if args else kwargs["input"])
 
-def _release(model: nn.Module, name: str) -> None:
-    """Put parameter `name` back on the meta device, freeing its memory (buffers are kept)."""
-    module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    old = getattr(module, leaf)
-    setattr(module, leaf, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"), requires_grad=False))
+    def finish(self) -> None:
+        stats = self.hessian.stats()
+        for name, linear in self.linears:
+            linear.weight.data = self.quantize(name, stats).to(self.device, self.dtype)
 
 
-class _Worker(threading.Thread):
-    """Runs one batch's forward pass in turns with the main thread (a coroutine on a thread).
+class _ExpertsGroup(_Group):
+    """A block's routed experts: their inputs (hidden states and routing) kept, then `calibrate_experts`."""
 
-    `step()` (main thread) lets the worker run until it parks in a hook or finishes; `park()`
-    (worker thread, inside a hook) hands control back and waits for the next turn.
-    """
+    def __init__(self, calibrator: SequentialCalibrator, path: str, experts: ExpertLinears, quantize: QuantizeModule,
+                 targets: set[str]) -> None:
+        self.calibrator, self.path, self.experts, self.quantize, self.targets = calibrator, path, experts, quantize, targets
+        self.inputs: list[tuple[Tensor, Tensor]] = []
 
-    def __init__(self, forward: Callable[[], Tensor], name: str) -> None:
-        super().__init__(name=name, daemon=True)
-        self.forward = forward
-        self.next_group = 0
-        self.result: Tensor | None = None
-        self.error: BaseException | None = None
-        self._turn = threading.Semaphore(0)
-        self._parked = threading.Semaphore(0)
-        self._aborted = False
-        self._finished = False
+    def add(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        values = list(args) + [kwargs[k] for k in kwargs]
+        self.inputs.append((values[0].detach(), values[1].detach()))
 
-    def run(self) -> None:
-        self._turn.acquire()
-        try:
-            if not self._aborted:
-                with torch.no_grad():  # grad mode is per thread
-                    self.result = self.forward()
-        except _Stop:
-            pass
-        except BaseException as exc:  # handed to the main thread by step()
-            self.error = exc
-        finally:
-            self._finished = True
-            self._parked.release()
-
-    def park(self) -> None:
-        self._parked.release()
-        self._turn.acquire()
-        if self._aborted:
-            raise _Stop
-
-    def step(self) -> None:
-        if self._finished:
-            raise RuntimeError(f"{self.name} finished before reaching every sequential group")
-        self._turn.release()
-        self._parked.acquire()
-        if self.error is not None:
-            raise self.error
-
-    def abort(self) -> None:
-        """Let a parked or unstarted worker end (raising _Stop in its hook)."""
-        if not self._finished and self.is_alive():
-            self._aborted = True
-            self._turn.release()
-            self.join()
+    def finish(self) -> None:
+        fallbacks = calibrate_experts(self.experts, self.path, self.inputs, self.quantize, self.targets,
+                                      self.calibrator.expert_policy)
+        self.calibrator.fallbacks.update(fallbacks)
+        self.inputs.clear()

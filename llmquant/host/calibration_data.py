@@ -51,6 +51,11 @@ class CalibrationConfig:
             "single-pass" (one forward per block, all batches in flight: fastest) or "replay" (one
             pass per sequential group: about twice the forward compute, one batch in flight).
         seed: seed for document order.
+        moe_calibration: how routed experts get their Hessians: "routed" (the tokens the router sends
+            each expert) or "all" (every token through every expert; see `host.expert_calibration`).
+        moe_min_tokens: with "routed", the share of calibration tokens below which an expert is
+            quantized without calibration.
+        moe_memory: budget for one chunk of experts' Hessians, e.g. "1GB".
     """
 
     calib: str | None = None
@@ -65,6 +70,9 @@ class CalibrationConfig:
     calib_memory: str = "1GB"
     calib_mode: str = "auto"
     seed: int = 0
+    moe_calibration: str = "routed"
+    moe_min_tokens: float = 0.005
+    moe_memory: str = "1GB"
 
     def __post_init__(self) -> None:
         for field in ("calib_samples", "calib_seqlen", "calib_batch_size"):
@@ -74,6 +82,14 @@ class CalibrationConfig:
             parse_size(self.calib_memory)
         except ValueError as exc:
             raise ConfigError("calib_memory", self.calib_memory, "a size such as 4GB or 500MiB") from exc
+        try:
+            parse_size(self.moe_memory)
+        except ValueError as exc:
+            raise ConfigError("moe_memory", self.moe_memory, "a size such as 1GB or 500MiB") from exc
+        if self.moe_calibration not in ("routed", "all"):
+            raise ConfigError("moe_calibration", self.moe_calibration, "one of routed, all")
+        if not 0 <= self.moe_min_tokens < 1:
+            raise ConfigError("moe_min_tokens", self.moe_min_tokens, "a share of the calibration tokens in [0, 1)")
         if self.calib_mode not in _MODES:
             raise ConfigError("calib_mode", self.calib_mode, f"one of {', '.join(_MODES)}")
         if self.calib_dtype not in _DTYPES:

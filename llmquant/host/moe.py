@@ -58,20 +58,27 @@ def moe_rules(model_type: str) -> MoERules:
 
 @dataclass(frozen=True)
 class KeyMap:
-    """Checkpoint key <-> skeleton key; identity for every key a renaming leaves alone."""
+    """Checkpoint name <-> skeleton name, for tensor keys and module paths alike; identity for every
+    name the model type's renamings leave alone (every name of a dense model)."""
 
     to_model: dict[str, str]
     to_disk: dict[str, str]
 
     @classmethod
     def build(cls, disk_keys: Iterable[str], rules: MoERules) -> KeyMap:
-        to_model = {}
+        if not rules.renamings:
+            return cls({}, {})
+        names: set[str] = set()
         for key in disk_keys:
-            renamed = key
+            parts = key.split(".")
+            names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        to_model = {}
+        for name in names:
+            renamed = name + "."  # renamings match whole path segments, dots included
             for rule in rules.renamings:
                 renamed = rule.rename_source_key(renamed)[0]
-            if renamed != key:
-                to_model[key] = renamed
+            if renamed[:-1] != name:
+                to_model[name] = renamed[:-1]
         return cls(to_model, {v: k for k, v in to_model.items()})
 
     def model(self, disk: str) -> str:
@@ -79,14 +86,6 @@ class KeyMap:
 
     def disk(self, model: str) -> str:
         return self.to_disk.get(model, model)
-
-    def disk_path(self, model_path: str) -> str:
-        """Return the on-disk name of a module path (``...mlp.experts`` -> ``...block_sparse_moe.experts``)."""
-        for model_key, disk_key in self.to_disk.items():
-            suffix = model_key[len(model_path):]
-            if model_key.startswith(model_path + ".") and disk_key.endswith(suffix):
-                return disk_key[:-len(suffix)]
-        return model_path
 
 
 class _Expert(nn.Module):
@@ -99,7 +98,7 @@ class _Expert(nn.Module):
             self.add_module(name, nn.Linear(in_features, out_features, bias=False, device="meta", dtype=dtype))
 
 
-class ExpertLinears(nn.ModuleList):
+class ExpertLinears(nn.Module):
     """A drop-in for transformers' fused experts module, ``forward(hidden (T, H), top_k_index (T, k),
     top_k_weights (T, k)) -> (T, H)``, holding expert ``e``'s projections as Linears at ``{e}.{name}``.
 
@@ -108,9 +107,18 @@ class ExpertLinears(nn.ModuleList):
     """
 
     def __init__(self, experts: list[_Expert], roles: tuple[str, str, str], act_fn: nn.Module) -> None:
-        super().__init__(experts)
+        super().__init__()
+        for e, expert in enumerate(experts):
+            self.add_module(str(e), expert)
+        self.count = len(experts)
         self.gate, self.up, self.down = roles
-        self.act_fn = act_fn
+        self.act_fn = act_fn  # parameter-free (SiLU): its own submodule, not an expert
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, e: int) -> nn.Module:
+        return self.get_submodule(str(e))
 
     def expert_output(self, e: int, x: Tensor) -> Tensor:
         """Return expert `e`'s output (n, H) on inputs ``x: (n, H)``, before the routing weight."""
@@ -133,12 +141,13 @@ class ExpertLinears(nn.ModuleList):
         return out
 
 
-def defuse_experts(model: nn.Module, model_type: str, disk_shapes: dict[str, tuple[int, ...]], keys: KeyMap,
+def defuse_experts(model: nn.Module, model_type: str, linear_shapes: dict[str, tuple[int, ...]], keys: KeyMap,
                    rules: MoERules) -> list[str]:
     """Replace every fused experts module of the meta skeleton `model` by `ExpertLinears`.
 
     Args:
-        disk_shapes: the checkpoint's tensor shapes by key, to find each expert's projections.
+        linear_shapes: ``(out, in)`` of every 2-D weight by module name on disk (a source's
+            ``NAME.weight`` tensors, or an output's records), to find each expert's projections.
         keys, rules: from `moe_rules` / `KeyMap.build` for `model_type`.
 
     Returns:
@@ -163,15 +172,15 @@ def defuse_experts(model: nn.Module, model_type: str, disk_shapes: dict[str, tup
         roles = _roles(rules, fused)
         count = next(iter(fused.values())).shape[0]
         dtype = next(iter(fused.values())).dtype
-        pattern = re.compile(rf"^{re.escape(keys.disk_path(path))}\.{_EXPERT}\.(?P<name>[^.]+)\.weight$")
+        pattern = re.compile(rf"^{re.escape(keys.disk(path))}\.{_EXPERT}\.(?P<name>[^.]+)$")
         shapes: dict[int, dict[str, tuple[int, int]]] = {}
-        for key, shape in disk_shapes.items():
+        for key, shape in linear_shapes.items():
             match = pattern.match(key)
             if match and match["name"] in roles:
                 shapes.setdefault(int(match["expert"]), {})[match["name"]] = (int(shape[0]), int(shape[1]))
         if sorted(shapes) != list(range(count)) or any(len(s) != 3 for s in shapes.values()):
             raise CheckpointError(
-                f"{path}: the checkpoint lacks per-expert tensors {keys.disk_path(path)}.N.{{{','.join(roles)}}}.weight for "
+                f"{path}: the checkpoint lacks per-expert tensors {keys.disk(path)}.N.{{{','.join(roles)}}}.weight for "
                 f"some of its {count} experts; the checkpoint does not match its config.json"
             )
         experts = [_Expert(roles, shapes[e], dtype) for e in range(count)]

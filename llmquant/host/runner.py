@@ -31,12 +31,15 @@ from llmquant.config import QuantizeConfig
 from llmquant.errors import LlmquantError, PluginError
 from llmquant.formats import ModuleRecord, OutputFormat, output_dtype, record_for
 from llmquant.host.arch import BlockLayout, build_skeleton, find_blocks
-from llmquant.host.calibrate import SequentialCalibrator, return_freed_memory
+from llmquant.host.calibrate import SequentialCalibrator
+from llmquant.host.expert_calibration import ExpertPolicy
+from llmquant.host.moe import KeyMap, defuse_experts, moe_rules
 from llmquant.host.calibration_data import CalibrationConfig, load_calibration
 from llmquant.host.checkpoint import Checkpoint
 from llmquant.host.output import OutputFolder
 from llmquant.host.resume import PartialRun, disk_full_error, fingerprint_run
 from llmquant.host.source import imported_float_dtype, origin_of
+from llmquant.host.workers import return_freed_memory
 from llmquant.io.shards import ShardWriter, header_bound, parse_size
 from llmquant.plugins import AlgorithmEntry, Plugins
 from llmquant.uniform import check_groups
@@ -44,6 +47,8 @@ from llmquant.uniform import check_groups
 __all__ = ["QuantizeReport", "quantize_checkpoint"]
 
 log = logging.getLogger(__name__)
+
+FLOAT_SHARE_WARNING = 0.05  # a run leaving more of the blocks' weights in float than this warns
 
 
 @dataclass(frozen=True)
@@ -62,13 +67,33 @@ class QuantizeReport:
     def quantized(self) -> int:
         return sum(r.bits is not None for r in self.modules)
 
+    def kept(self) -> dict[str, int]:
+        """Weight matrices kept in float, counted by reason (``ignore`` for the user's own rules)."""
+        reasons: dict[str, int] = {}
+        for r in self.modules:
+            if r.bits is None:
+                reason = str(r.extra.get("kept", "ignore")).split(":")[0]
+                reasons[reason] = reasons.get(reason, 0) + 1
+        return reasons
+
+    def unasked_float_share(self) -> float:
+        """Share of the blocks' weight elements left in float by anything but the user's own rules."""
+        total = sum(r.shape[0] * r.shape[1] for r in self.modules)
+        kept = sum(r.shape[0] * r.shape[1] for r in self.modules if r.bits is None and "kept" in r.extra)
+        return kept / max(total, 1)
+
 
 @dataclass(frozen=True)
 class _Plan:
-    """Per Linear name, the algorithm config to quantize it with, or None to keep it in float."""
+    """Per Linear (its name on disk), the algorithm config to quantize it with, or None to keep it in
+    float; the block weight matrices that stay in float by a default rule or because no algorithm
+    applies to them, with the reason; and the checkpoint <-> skeleton names."""
 
     layout: BlockLayout
     configs: dict[str, Any]
+    kept: dict[str, tuple[tuple[int, int], str]]
+    keys: KeyMap
+    experts: tuple[str, ...] = ()  # the routed-experts modules (names on disk)
 
 
 class _Job:
@@ -88,6 +113,11 @@ class _Job:
         """Read a tensor to copy unquantized, cast to the output dtype."""
         tensor = self.checkpoint[key]
         return tensor.to(self.cast) if self.cast is not None and tensor.is_floating_point() else tensor
+
+    def note_fallbacks(self, fallbacks: dict[str, int]) -> None:
+        """Record the expert projections quantized without calibration (too few routed tokens)."""
+        self.records = [dataclasses.replace(r, extra={**r.extra, "calibration": f"fallback: {fallbacks[r.name]} routed tokens"})
+                        if r.name in fallbacks else r for r in self.records]
 
     def quantize(self, module: str, stats: CalibrationStats | None) -> QuantResult:
         """Quantize one Linear from the source checkpoint and keep its output tensors."""
@@ -128,8 +158,13 @@ def quantize_checkpoint(
     model_config = AutoConfig.from_pretrained(source)
     dtype = output_dtype(json.loads((source / "config.json").read_text()), config.dtype)
     skeleton = build_skeleton(model_config)
+    rules = moe_rules(model_config.model_type)
+    keys = KeyMap.build(checkpoint.infos, rules)
+    linear_shapes = {k.removesuffix(".weight"): i.shape for k, i in checkpoint.infos.items() if len(i.shape) == 2}
+    moe = defuse_experts(skeleton, model_config.model_type, linear_shapes, keys, rules)
     layout = find_blocks(skeleton)
-    plan = _plan(layout, checkpoint, config, algo_config, fmt)
+    plan = _plan(layout, checkpoint, config, algo_config, fmt, keys, {keys.disk(g) for g in _moe_gates(skeleton, moe, layout)},
+                 skeleton, moe)
     samples = _calibration_samples(source, calibration) if entry.cls.needs_calibration else None
     fingerprint = fingerprint_run(checkpoint, config.to_dict(), samples, f"{entry.plugin.distribution} {entry.plugin.version}")
     folder = OutputFolder(output, source=source, overwrite=overwrite)
@@ -145,7 +180,8 @@ def quantize_checkpoint(
                 calibrator = SequentialCalibrator(
                     skeleton, layout, checkpoint, samples, batch_size=calibration.calib_batch_size,
                     dtype=calibration.torch_dtype, device=config.device, memory=parse_size(calibration.calib_memory),
-                    spill_dir=spill, mode=calibration.calib_mode)
+                    spill_dir=spill, mode=calibration.calib_mode, keys=keys, experts=ExpertPolicy(
+                        calibration.moe_calibration, calibration.moe_min_tokens, parse_size(calibration.moe_memory)))
                 calibrator.capture_inputs()
                 if done:
                     calibrator.load_inputs(partial.load_activations(done[-1]))
@@ -161,9 +197,14 @@ def quantize_checkpoint(
             "format_plugin": {"name": fmt_entry.name, "distribution": fmt_entry.plugin.distribution,
                               "version": fmt_entry.plugin.version},
         }
-        folder.write_metadata(records, fmt.quantization_config(records, dict(algo_config.__dict__), dtype), config, provenance)
+        linears = [r for r in records if r.extra.get("linear", True)]  # what loaders know as modules
+        folder.write_metadata(records, fmt.quantization_config(linears, dict(algo_config.__dict__), dtype), config, provenance)
     report = QuantizeReport(output, source, fmt.name, records, checkpoint.total_bytes, folder.size(), time.perf_counter() - start)
-    log.info("quantized %d Linears into %s in %.1f s", report.quantized, output, report.seconds)
+    log.info("quantized %d weight matrices into %s in %.1f s", report.quantized, output, report.seconds)
+    share = report.unasked_float_share()
+    if share > FLOAT_SHARE_WARNING:
+        log.warning("%.0f%% of the blocks' weights stayed in float although no rule of yours asked for it (%s); "
+                    "see `llmquant inspect %s`", 100 * share, ", ".join(f"{n} {r}" for r, n in report.kept().items()), output)
     return report
 
 
@@ -201,37 +242,71 @@ def _calibration_samples(source: Path, calibration: CalibrationConfig) -> torch.
     return load_calibration(calibration, tokenizer)
 
 
-def _plan(layout: BlockLayout, checkpoint: Checkpoint, config: QuantizeConfig, algo_config: Any, fmt: OutputFormat) -> _Plan:
+def _plan(layout: BlockLayout, checkpoint: Checkpoint, config: QuantizeConfig, algo_config: Any, fmt: OutputFormat,
+          keys: KeyMap, gates: set[str], skeleton: Any, experts: list[str]) -> _Plan:
+    """Decide, before any work, what happens to every weight matrix in the blocks (names on disk)."""
     configs: dict[str, Any] = {}
+    kept: dict[str, tuple[tuple[int, int], str]] = {}
     for index, names in enumerate(layout.linears):
         for rel in names:
-            name = f"{layout.block_name(index)}.{rel}"
+            name = keys.disk(f"{layout.block_name(index)}.{rel}")
             if f"{name}.weight" not in checkpoint.infos:
                 raise LlmquantError(f"{checkpoint.folder}: no tensor {name}.weight for Linear {name}; the checkpoint does not match its config.json")
+            shape = _shape2(checkpoint.infos[f"{name}.weight"].shape)
             if any(re.search(p, name) for p in config.ignore):
                 configs[name] = None
                 continue
+            if name in gates and config.keep_moe_gates:
+                configs[name] = None
+                kept[name] = (shape, "router gate: kept in float by default (--quantize-moe-gates to quantize it)")
+                continue
             override = next((o for o in config.overrides if re.search(o.pattern, name)), None)
             module_config = dataclasses.replace(algo_config, **override.params) if override else algo_config
-            shape = checkpoint.infos[f"{name}.weight"].shape
-            out_features, in_features = int(shape[0]), int(shape[1])
-            check_groups((out_features, in_features), getattr(module_config, "group_size", None), name)
-            fmt.check_module(name, (out_features, in_features), module_config)
+            check_groups(shape, getattr(module_config, "group_size", None), name)
+            fmt.check_module(name, shape, module_config)
             configs[name] = module_config
-    return _Plan(layout, configs)
+    prefix = layout.prefix + "."
+    for key, info in checkpoint.infos.items():
+        module = key.removesuffix(".weight")
+        if key.startswith(prefix) and len(info.shape) >= 2 and module not in configs:
+            owner = type(skeleton.get_submodule(keys.model(key).rpartition(".")[0])).__name__
+            kept[module] = (_shape2(info.shape), f"not an nn.Linear: {len(info.shape)}-D parameter of {owner}")
+    return _Plan(layout, configs, kept, keys, tuple(keys.disk(e) for e in experts))
+
+
+def _moe_gates(model: Any, experts: list[str], layout: BlockLayout) -> set[str]:
+    """Return the skeleton names of the router and shared-expert gates: Linears that are direct
+    children of a sparse-MoE block (the parent of an experts module) and output one value per
+    expert or a single value."""
+    gates = set()
+    for path in experts:
+        parent, _, _ = path.rpartition(".")
+        count = len(model.get_submodule(path))
+        for name, child in model.get_submodule(parent).named_children():
+            if isinstance(child, torch.nn.Linear) and child.out_features in (1, count):
+                gates.add(f"{parent}.{name}")
+    return gates
 
 
 def _quantize_blocks(job: _Job, calibrator: SequentialCalibrator | None, partial: PartialRun, start: int) -> None:
     """Quantize blocks `start`.. and store each, with the activations after it, in the partial folder."""
     plan = job.plan
     keys = _keys_by_block(job)
+    order = {name: i for i, name in enumerate(plan.configs)}
     progress = tqdm(range(plan.layout.count), desc=f"{job.config.algo} -> {job.config.format}", unit="block", initial=start)
     for index in range(start, plan.layout.count):
         block = plan.layout.block_name(index) + "."
         targets = {n for n, c in plan.configs.items() if c is not None and n.startswith(block)}
         job.tensors, job.records = [], []
         if calibrator is not None:
-            calibrator.run_block(index, lambda name, stats: job.quantize(name, stats).dequantize(), targets)
+            calibrator.fallbacks.clear()
+            calibrator.run_block(index, lambda name, stats: job.quantize(plan.keys.disk(name), stats).dequantize(),
+                                 {plan.keys.model(t) for t in targets})
+            job.note_fallbacks({plan.keys.disk(n): tokens for n, tokens in calibrator.fallbacks.items()})
+            if any(e.startswith(block) for e in plan.experts):  # dense blocks keep calibration's order, as before
+                # the plan's (module) order, not calibration's, which depends on how experts were chunked
+                job.tensors.sort(key=lambda item: order[item[0].rpartition(".")[0]])
+                job.records.sort(key=lambda record: order[record.name])
         for key in keys.get(index, []):
             module, _, leaf = key.rpartition(".")
             if module not in targets or leaf != "weight":
@@ -239,7 +314,9 @@ def _quantize_blocks(job: _Job, calibrator: SequentialCalibrator | None, partial
             elif calibrator is None:
                 job.quantize(module, None)
         job.records.extend(ModuleRecord(n, _shape2(job.checkpoint.infos[f"{n}.weight"].shape))
-                           for n, c in plan.configs.items() if c is None and n.startswith(block))
+                           for n, c in plan.configs.items() if c is None and n.startswith(block) and n not in plan.kept)
+        job.records.extend(ModuleRecord(n, shape, extra={"kept": reason, **({"linear": False} if "nn.Linear:" in reason else {})})
+                           for n, (shape, reason) in plan.kept.items() if n.startswith(block))
         fault_point(f"block-{index}-before-save")
         partial.write_block(index, job.tensors, job.records)
         if calibrator is not None:
