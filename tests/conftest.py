@@ -60,6 +60,35 @@ def save_tiny_model(
     return folder
 
 
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def save_tiny_moe(folder: Path, arch: str, *, layers: int = 2, experts: int = 8, seed: int = 0) -> Path:
+    """Save a random mixture-of-experts causal LM (top-2 of `experts`) with `save_pretrained`, which
+    writes the experts per expert, as hub checkpoints store them."""
+    import transformers
+
+    common = dict(vocab_size=512, hidden_size=128, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=128, num_experts_per_tok=2)
+    if arch == "mixtral":
+        config = transformers.MixtralConfig(**common, intermediate_size=96, num_local_experts=experts)
+    elif arch == "qwen2_moe":  # with a shared expert and its gate
+        config = transformers.Qwen2MoeConfig(**common, intermediate_size=256, moe_intermediate_size=64, num_experts=experts,
+                                             shared_expert_intermediate_size=128, decoder_sparse_step=1, mlp_only_layers=[])
+    else:
+        config = transformers.Qwen3MoeConfig(**common, intermediate_size=256, moe_intermediate_size=64, num_experts=experts,
+                                             head_dim=32, decoder_sparse_step=1, mlp_only_layers=[])
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0, 0.05)
+    model.save_pretrained(folder)
+    save_tiny_tokenizer(folder, 512)
+    return folder
+
+
 def save_tiny_tokenizer(folder: Path, vocab: int) -> None:
     """Save a real word-level fast tokenizer whose words are t0, t1, ... (offline, no hub)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -1,0 +1,172 @@
+"""Mixture-of-experts models: every routed expert quantized under its per-expert name, calibrated per
+expert by either policy, with a fallback, in chunks that do not change the output; the router and
+gates kept in float and counted; llmquant's runtime computing what transformers computes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import MOE_ARCHS, calibration_file, save_tiny_moe
+from llmquant.api import quantize
+from llmquant.errors import CheckpointError
+from llmquant.host.arch import build_skeleton, find_blocks
+from llmquant.host.checkpoint import Checkpoint
+from llmquant.host.moe import ExpertLinears, KeyMap, defuse_experts, moe_rules
+from llmquant.plugins import Plugins
+from llmquant.runtime import load_quantized
+
+EXPERT_NAMES = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")), "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+                "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+GPTQ = {"algo": "gptq", "bits": 4, "group_size": 32, "calib_samples": 16, "calib_seqlen": 64}
+
+
+@pytest.fixture(scope="module", params=MOE_ARCHS)
+def moe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_moe(tmp_path_factory.mktemp(request.param) / "model", request.param)
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return calibration_file(tmp_path_factory.mktemp("calib"))
+
+
+def _held_out() -> torch.Tensor:
+    rng = random.Random(7)  # the calibration text's distribution (words t3..t511), other draws
+    return torch.tensor([[rng.randrange(3, 512) for _ in range(48)] for _ in range(4)])
+
+
+def _defused(folder: Path) -> Any:
+    """The skeleton with its experts as per-expert Linears, loaded with the checkpoint's float weights."""
+    config = AutoConfig.from_pretrained(folder)
+    checkpoint = Checkpoint(folder)
+    rules = moe_rules(config.model_type)
+    keys = KeyMap.build(checkpoint, rules)
+    model = build_skeleton(config)
+    shapes = {k.removesuffix(".weight"): i.shape for k, i in checkpoint.infos.items() if len(i.shape) == 2}
+    replaced = defuse_experts(model, config.model_type, shapes, keys, rules)
+    model.load_state_dict({keys.model(k): checkpoint[k] for k in checkpoint}, strict=False, assign=True)
+    assert not [n for n, p in model.named_parameters() if p.is_meta]
+    return model.eval(), replaced
+
+
+def test_defused_experts_compute_what_transformers_computes(moe: Path) -> None:
+    ours, replaced = _defused(moe)
+    assert replaced == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert all(isinstance(ours.get_submodule(p), ExpertLinears) and len(ours.get_submodule(p)) == 8 for p in replaced)
+    reference = AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(_held_out()).logits, reference(_held_out()).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_every_expert_is_quantized_under_its_per_expert_name(moe: Path, tmp_path: Path, pm: Plugins) -> None:
+    arch = AutoConfig.from_pretrained(moe).model_type
+    report = quantize(moe, tmp_path / "out", {"bits": 4, "group_size": 32}, plugins=pm)
+    source, out = Checkpoint(moe), Checkpoint(tmp_path / "out")
+    parent, projections = EXPERT_NAMES[arch]
+    for layer in range(2):
+        for e in range(8):
+            for projection in projections:
+                name = f"model.layers.{layer}.{parent}.experts.{e}.{projection}"
+                assert {f"{name}.qweight", f"{name}.scales", f"{name}.qzeros", f"{name}.g_idx"} <= set(out), name
+    assert not [k for k in out if k.endswith(("gate_up_proj", "experts.down_proj"))]
+    matrices = [k for k, i in source.infos.items() if k.startswith("model.layers.") and len(i.shape) == 2]
+    kept = report.kept()
+    assert report.quantized + sum(kept.values()) == len(matrices) == len(report.modules)
+    assert report.quantized == 2 * (4 + 8 * 3 + (3 if arch == "qwen2_moe" else 0))
+    assert kept == ({"router gate": 2, "not an nn.Linear": 2} if arch == "qwen2_moe" else {"not an nn.Linear": 2})
+    assert report.unasked_float_share() < 0.01
+    for layer in range(2):  # the router is copied bit for bit
+        key = f"model.layers.{layer}.{parent}.gate.weight"
+        assert torch.equal(out[key].float(), source[key].float())
+    with torch.no_grad():
+        ours = load_quantized(tmp_path / "out", dtype=torch.float32, kernel="dequant", plugins=pm)(_held_out()).logits
+        reference = AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32)(_held_out()).logits
+    assert torch.nn.functional.cosine_similarity(ours.flatten(), reference.flatten(), dim=0) > 0.97
+
+
+def test_gptq_beats_rtn_on_held_out_ids_with_both_policies(moe: Path, calib: Path, tmp_path: Path, pm: Plugins) -> None:
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32)(_held_out()).logits
+    errors = {}
+    for name, settings in {"rtn": {"bits": 4, "group_size": 32}, "routed": {**GPTQ, "calib": str(calib)},
+                           "all": {**GPTQ, "calib": str(calib), "moe_calibration": "all"}}.items():
+        quantize(moe, tmp_path / name, settings, plugins=pm)
+        with torch.no_grad():
+            logits = load_quantized(tmp_path / name, dtype=torch.float32, kernel="dequant", plugins=pm)(_held_out()).logits
+        errors[name] = float(((logits - reference) ** 2).mean())
+    assert errors["routed"] < 0.9 * errors["rtn"] and errors["all"] < 0.9 * errors["rtn"], errors
+    assert _hashes(tmp_path / "routed") != _hashes(tmp_path / "all")
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe"])
+def test_modes_and_expert_chunks_do_not_change_the_output(arch: str, calib: Path, tmp_path: Path, pm: Plugins) -> None:
+    moe = save_tiny_moe(tmp_path / "model", arch)
+    outputs = {}
+    for name, extra in {"single-pass": {"calib_mode": "single-pass"}, "replay": {"calib_mode": "replay"},
+                        "one-expert-chunks": {"calib_mode": "replay", "moe_memory": "1KB"}}.items():
+        quantize(moe, tmp_path / name, {**GPTQ, "calib": str(calib), **extra}, plugins=pm)
+        outputs[name] = _hashes(tmp_path / name)
+    assert outputs["single-pass"] == outputs["replay"] == outputs["one-expert-chunks"]
+
+
+def test_an_expert_with_too_few_routed_tokens_falls_back_and_is_recorded(calib: Path, tmp_path: Path, pm: Plugins) -> None:
+    from llmquant.cli import main
+
+    moe = save_tiny_moe(tmp_path / "model", "qwen3_moe")
+    quantize(moe, tmp_path / "out", {**GPTQ, "calib": str(calib), "moe_min_tokens": 0.3}, plugins=pm)
+    quantize(moe, tmp_path / "rtn", {"bits": 4, "group_size": 32}, plugins=pm)
+    modules = json.loads((tmp_path / "out" / "llmquant.json").read_text())["modules"]
+    fallbacks = [m for m in modules if "calibration" in m]
+    assert fallbacks and all(m["calibration"].startswith("fallback: ") and ".experts." in m["name"] for m in fallbacks)
+    assert len(fallbacks) % 3 == 0 and len(fallbacks) < 2 * 8 * 3  # whole experts, not all of them
+    gptq, rtn = Checkpoint(tmp_path / "out"), Checkpoint(tmp_path / "rtn")
+    for m in fallbacks:  # GPTQ's calibration-free result is round-to-nearest on its grid
+        assert torch.equal(gptq[f"{m['name']}.qweight"], rtn[f"{m['name']}.qweight"])
+    calibrated = next(m for m in modules if ".experts." in m["name"] and "calibration" not in m and m["bits"])
+    assert not torch.equal(gptq[f"{calibrated['name']}.qweight"], rtn[f"{calibrated['name']}.qweight"])
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+
+
+def test_quantize_moe_gates_on_request(tmp_path: Path, pm: Plugins) -> None:
+    moe = save_tiny_moe(tmp_path / "model", "qwen2_moe")
+    report = quantize(moe, tmp_path / "out", {"algo": "nf4", "keep_moe_gates": False}, plugins=pm)
+    assert report.kept() == {"not an nn.Linear": 2}  # the shared-expert gates are quantized; the raw router cannot be
+
+
+def test_fused_experts_on_disk_are_refused_in_one_line(tmp_path: Path, pm: Plugins) -> None:
+    import transformers
+
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("this transformers has no gpt-oss")
+    config = transformers.GptOssConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=64, num_local_experts=4, head_dim=16,
+                                       layer_types=["full_attention", "full_attention"])
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gpt-oss")
+    with pytest.raises(CheckpointError, match=r"stores fused on disk, not per expert") as info:
+        quantize(tmp_path / "gpt-oss", tmp_path / "out", {"bits": 4, "group_size": 32}, plugins=pm)
+    assert "\n" not in str(info.value) and "gpt_oss" in str(info.value)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text", "opt"])
+def test_dense_models_take_no_moe_path(arch: str, tiny_model_factory: Any) -> None:
+    folder = tiny_model_factory(arch)
+    config = AutoConfig.from_pretrained(folder)
+    checkpoint = Checkpoint(folder)
+    rules = moe_rules(config.model_type)
+    keys = KeyMap.build(checkpoint, rules)
+    model = build_skeleton(config)
+    shapes = {k.removesuffix(".weight"): i.shape for k, i in checkpoint.infos.items() if len(i.shape) == 2}
+    assert keys.to_model == {} and defuse_experts(model, config.model_type, shapes, keys, rules) == []
+    assert find_blocks(model).count == 2
