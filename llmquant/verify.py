@@ -130,8 +130,11 @@ def _compare(loader: str, reference: list[list[Position]], theirs: list[list[Pos
     return check
 
 
-def _transformers(path: Path, prompts: list[list[int]], dtype: torch.dtype) -> tuple[list[list[dict[str, float]]], str]:
+def _transformers(path: Path, prompts: list[list[int]], dtype: torch.dtype) -> tuple[list[list[Position]], str]:
     from transformers import AutoModelForCausalLM
+
+    from llmquant.deps import require
+    from llmquant.host.moe import moe_rules
 
     quant = json.loads((path / "config.json").read_text()).get("quantization_config", {})
     kwargs: dict[str, Any] = {}
@@ -143,6 +146,13 @@ def _transformers(path: Path, prompts: list[list[int]], dtype: torch.dtype) -> t
         # transformers 5.24 + compressed-tensors 0.20 cannot run asymmetric checkpoints compressed
         kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
         note = "asymmetric compressed-tensors loaded with run_compressed=False"
+    config = json.loads((path / "config.json").read_text())
+    if quant.get("quant_method") == "gptq" and moe_rules(str(config.get("model_type"))).fused:
+        # transformers 5 fuses experts into 3-D tensors, which the GPTQ integration cannot replace; gptqmodel's
+        # defuser gives it per-expert Linears back (it patches transformers' classes for this process)
+        defuser = require("defuser", extra="loaders", purpose="loading quantized mixture-of-experts checkpoints in transformers")
+        defuser.replace_fused_blocks(config["model_type"])
+        note = "experts defused with gptqmodel's defuser"
     model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu", **kwargs)
     return _score(model.eval(), prompts), note
 
@@ -177,7 +187,8 @@ def verify_output(path: str | os.PathLike[str], *, loaders: tuple[str, ...] = ("
     if "transformers" in loaders:
         quant_method = json.loads((folder / "config.json").read_text()).get("quantization_config", {}).get("quant_method")
         try:
-            require_integration(quant_method)
+            with contextlib.redirect_stdout(sys.stderr):  # gptqmodel prints a banner on import; stdout is for the table/JSON
+                require_integration(quant_method)
         except MissingDependency as exc:
             checks.append(LoaderCheck("transformers", "not installed", message=str(exc)))
             loaders = tuple(name for name in loaders if name != "transformers")

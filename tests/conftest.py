@@ -60,7 +60,8 @@ def save_tiny_model(
     return folder
 
 
-MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")  # what the real loaders are tested on
+MOE_HOST_ARCHS = (*MOE_ARCHS, "deepseek_v3")  # what the host is tested on
 
 
 def save_tiny_moe(folder: Path, arch: str, *, layers: int = 2, experts: int = 8, seed: int = 0) -> Path:
@@ -75,9 +76,15 @@ def save_tiny_moe(folder: Path, arch: str, *, layers: int = 2, experts: int = 8,
     elif arch == "qwen2_moe":  # with a shared expert and its gate
         config = transformers.Qwen2MoeConfig(**common, intermediate_size=256, moe_intermediate_size=64, num_experts=experts,
                                              shared_expert_intermediate_size=128, decoder_sparse_step=1, mlp_only_layers=[])
-    else:
+    elif arch == "qwen3_moe":
         config = transformers.Qwen3MoeConfig(**common, intermediate_size=256, moe_intermediate_size=64, num_experts=experts,
                                              head_dim=32, decoder_sparse_step=1, mlp_only_layers=[])
+    else:  # DeepSeek-V3: MLA attention, a shared expert, grouped routing; its first layer dense
+        common.update(num_hidden_layers=layers + 1, num_key_value_heads=4)
+        config = transformers.DeepseekV3Config(**common, intermediate_size=256, moe_intermediate_size=64, n_routed_experts=experts,
+                                               n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                                               kv_lora_rank=32, q_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32,
+                                               v_head_dim=32)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():

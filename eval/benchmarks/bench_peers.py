@@ -218,6 +218,15 @@ def failure(measured: Any) -> str:
     return lines[-1][:300] if lines else f"exit {measured.returncode}"
 
 
+def expert_fallbacks(out: Path) -> dict[str, float]:
+    """The share of routed-expert projections llmquant quantized without calibration (MoE outputs only)."""
+    record = out / "llmquant.json"
+    if not record.exists():
+        return {}
+    experts = [m for m in json.loads(record.read_text())["modules"] if ".experts." in m["name"] and m["bits"]]
+    return {"expert_fallback_share": sum("calibration" in m for m in experts) / len(experts)} if experts else {}
+
+
 def read_speed_mb_s(folder: Path) -> float:
     """MB/s of reading every safetensors shard of `folder` once more (page cache warm after the first read)."""
     files = sorted(folder.glob("*.safetensors"))
@@ -313,7 +322,7 @@ def run_model(name: str, args: argparse.Namespace) -> None:
                 continue
             entry = {"wall_s": measured.seconds, "quantize_s": own["seconds"], "peak_rss_mb": own["peak_rss_mb"],
                      "sampled_peak_anon_mb": measured.peak_anon_mb, "disk_mb": disk_bytes(out) / 1e6,
-                     "mb_s": results["settings"]["checkpoint_mb"] / own["seconds"]}
+                     "mb_s": results["settings"]["checkpoint_mb"] / own["seconds"], **expert_fallbacks(out)}
             results["rows"][row] = entry
             save(results, results_path)
         if not args.no_score:

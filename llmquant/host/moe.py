@@ -13,7 +13,7 @@ on disk, which the output keeps, and the names in the skeleton.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from llmquant.errors import CheckpointError
 __all__ = ["ExpertLinears", "KeyMap", "MoERules", "defuse_experts", "moe_rules"]
 
 _EXPERT = r"(?P<expert>\d+)"
+TRANSFORMERS_ROLES = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def moe_rules(model_type: str) -> MoERules:
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
     renamings, fused = [], {}
-    for rule in get_checkpoint_conversion_mapping(model_type) or []:
+    for rule in get_checkpoint_conversion_mapping(model_type) or []:  # type: ignore[no-untyped-call]
         kind = type(rule).__name__
         if kind == "WeightRenaming":
             renamings.append(rule)
@@ -122,17 +123,19 @@ class ExpertLinears(nn.Module):
 
     def expert_output(self, e: int, x: Tensor) -> Tensor:
         """Return expert `e`'s output (n, H) on inputs ``x: (n, H)``, before the routing weight."""
-        expert = self[e]
-        return getattr(expert, self.down)(self.intermediate(e, x))
+        down: nn.Module = getattr(self[e], self.down)
+        out: Tensor = down(self.intermediate(e, x))
+        return out
 
     def intermediate(self, e: int, x: Tensor) -> Tensor:
         """Return ``act(gate(x)) * up(x)``, the input of expert `e`'s down projection."""
         expert = self[e]
-        return self.act_fn(getattr(expert, self.gate)(x)) * getattr(expert, self.up)(x)
+        out: Tensor = self.act_fn(getattr(expert, self.gate)(x)) * getattr(expert, self.up)(x)
+        return out
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         out = torch.zeros_like(hidden_states)
-        for e in top_k_index.unique().tolist():
+        for e in torch.unique(top_k_index).tolist():
             if not 0 <= e < len(self):
                 continue  # an index past the last expert marks a dropped slot
             token, slot = torch.where(top_k_index == e)
@@ -141,7 +144,7 @@ class ExpertLinears(nn.Module):
         return out
 
 
-def defuse_experts(model: nn.Module, model_type: str, linear_shapes: dict[str, tuple[int, ...]], keys: KeyMap,
+def defuse_experts(model: nn.Module, model_type: str, linear_shapes: Mapping[str, tuple[int, ...]], keys: KeyMap,
                    rules: MoERules) -> list[str]:
     """Replace every fused experts module of the meta skeleton `model` by `ExpertLinears`.
 
@@ -169,20 +172,23 @@ def defuse_experts(model: nn.Module, model_type: str, linear_shapes: dict[str, t
                 f"model_type {model_type!r} stores fused on disk, not per expert; llmquant quantizes experts stored per "
                 f"expert (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3) and cannot yet quantize this layout"
             )
-        roles = _roles(rules, fused)
         count = next(iter(fused.values())).shape[0]
         dtype = next(iter(fused.values())).dtype
         pattern = re.compile(rf"^{re.escape(keys.disk(path))}\.{_EXPERT}\.(?P<name>[^.]+)$")
-        shapes: dict[int, dict[str, tuple[int, int]]] = {}
+        found: dict[int, dict[str, tuple[int, int]]] = {}
         for key, shape in linear_shapes.items():
             match = pattern.match(key)
-            if match and match["name"] in roles:
-                shapes.setdefault(int(match["expert"]), {})[match["name"]] = (int(shape[0]), int(shape[1]))
-        if sorted(shapes) != list(range(count)) or any(len(s) != 3 for s in shapes.values()):
+            if match:
+                found.setdefault(int(match["expert"]), {})[match["name"]] = (int(shape[0]), int(shape[1]))
+        # the mapping's names, or transformers' own (GPTQModel writes Mixtral's experts as gate_proj/up_proj/down_proj)
+        roles = next((r for r in (_roles(rules, fused), TRANSFORMERS_ROLES)
+                      if sorted(found) == list(range(count)) and all(set(r) <= set(f) for f in found.values())), None)
+        if roles is None:
             raise CheckpointError(
-                f"{path}: the checkpoint lacks per-expert tensors {keys.disk(path)}.N.{{{','.join(roles)}}}.weight for "
-                f"some of its {count} experts; the checkpoint does not match its config.json"
+                f"{path}: the checkpoint lacks per-expert tensors {keys.disk(path)}.N.{{{','.join(_roles(rules, fused))}}} "
+                f"for some of its {count} experts; the checkpoint does not match its config.json"
             )
+        shapes = {e: {name: f[name] for name in roles} for e, f in found.items()}
         experts = [_Expert(roles, shapes[e], dtype) for e in range(count)]
         model.set_submodule(path, ExpertLinears(experts, roles, module.act_fn))
         replaced.append(path)

@@ -96,3 +96,13 @@ def test_transformers_loads_compressed_tensors_experts(arch: str, tmp_path: Path
     with torch.no_grad():
         cosine = _cosine(_ours(out), theirs(IDS).logits.float())
     assert cosine >= 0.9999, cosine
+
+
+def test_verify_loads_gptq_experts_through_the_defuser(gptq_moe: Path, request: pytest.FixtureRequest) -> None:
+    if gptq_moe.parent.name.startswith("mixtral"):
+        request.applymarker(pytest.mark.xfail(strict=True, reason=MIXTRAL_NAMES))
+    done = subprocess.run([sys.executable, "-m", "llmquant.cli", "verify", str(gptq_moe), "--loader", "transformers", "--json"],
+                          capture_output=True, text=True)  # a child process: the defuser patches transformers' classes
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    (check,) = json.loads(done.stdout)
+    assert check["status"] == "ok" and "defuser" in check["message"] and check["kl_mean"] < 1e-3
