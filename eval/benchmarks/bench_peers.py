@@ -175,7 +175,7 @@ def score_row(args: argparse.Namespace) -> None:
                               "decode_runtime": runtime}
     speed_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16} if tool == "original" else {"": torch.bfloat16}
     print(json.dumps(result), flush=True)  # perplexity is kept even if the speed run fails
-    for label, dtype in speed_dtypes.items():
+    for label, dtype in speed_dtypes.items() if args.speed_runs else ():  # --speed-runs 0: perplexity only
         suffix = f"_{label}" if label else ""
         try:
             if dtype != torch.float32 or tool != "original":
@@ -353,7 +353,7 @@ def main() -> None:
     parser.add_argument("--group-size", dest="group_size_override", type=int, help="default: 64 for smollm2, 128 otherwise")
     parser.add_argument("--ppl-windows", dest="ppl_windows_override", type=int, help="default: 40 smollm2, 10 gemma3, 4 qwen")
     parser.add_argument("--ppl-seqlen", type=int, default=2048)
-    parser.add_argument("--speed-runs", type=int, default=3)
+    parser.add_argument("--speed-runs", type=int, default=3, help="decode-speed runs per row (0: perplexity only)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory-limit-mb", type=float, help="run every quantization under this hard limit (cgroup v1, root)")
     parser.add_argument("--llmcompressor-python", default=os.environ.get("LLMQUANT_LLMC_PYTHON", "/work/llmc-venv/bin/python"))
