@@ -161,7 +161,9 @@ def _vllm(path: Path, prompts: list[list[int]], python: str, timeout: int) -> di
     probe = Path(__file__).with_name("vllm_probe.py")
     with tempfile.TemporaryDirectory(prefix="llmquant-verify-") as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        request.write_text(json.dumps({"prompts": prompts, "dtype": "float16", "new_tokens": 16, "top_k": TOP_K}))
+        context = json.loads((path / "config.json").read_text()).get("max_position_embeddings") or 512
+        request.write_text(json.dumps({"prompts": prompts, "dtype": "float16", "new_tokens": 16, "top_k": TOP_K,
+                                       "max_model_len": min(512, int(context))}))
         env = {**os.environ, "VLLM_CACHE_ROOT": str(Path(tmp) / "vllm-cache")}
         done = subprocess.run([python, str(probe), str(path), str(request), str(result)], capture_output=True,
                               text=True, timeout=timeout, env=env)

@@ -19,6 +19,18 @@ imported torch, transformers and llmquant::
 
 w: parameters of one decoder block; |W|: the largest Linear weight in it; i: the widest Linear
 input; d: hidden size; v: vocabulary; t: elements of the largest tensor outside the blocks.
+
+A mixture-of-experts block (E routed experts of inner width I, ``llmquant.host.expert_calibration``)
+adds a stage to the calibrated maximum, while its experts are calibrated from their kept inputs::
+
+        w * b + w * s + 2 * N * d * b + A         the block, its inputs/outputs, in-flight activations
+        + [replay] N * d * b + N * k * 8          the experts' inputs (hidden states, routing) kept
+        + c * 4 * (I**2 + [routed] d**2)          one chunk of c experts' Hessians (c from --moe-memory)
+        + [all] 4 * d**2                          the gate/up Hessian all experts share
+        + n * (d * (b + 4) + I * (3 * b + 4))     one expert's rows, their float32 copy, its gate, up and
+                                                  intermediate, and that in float32 (n = N with all,
+                                                  n = N * k / E on average with routed: N bounds it)
+        + 4 * 4 * |We| + 4 * max(d, I)**2         GPTQ's working copies for one expert projection
 """
 
 from __future__ import annotations
@@ -46,6 +58,9 @@ class Shapes:
     source_bytes: int
     layers: int
     params: int
+    experts: int = 0  # routed experts per block (0: a dense model)
+    expert_inner: int = 0  # their inner width I
+    top_k: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,7 +88,16 @@ def shapes_of(folder: Path) -> Shapes:
         source_bytes=first[0].nbytes // _count(first[0].shape),
         layers=config["num_hidden_layers"],
         params=sum(elements),
+        **_expert_shapes(config, infos),
     )
+
+
+def _expert_shapes(config: dict[str, Any], infos: dict[str, Any]) -> dict[str, int]:
+    experts = int(config.get("num_local_experts") or config.get("num_experts") or config.get("n_routed_experts") or 0)
+    if not experts:
+        return {}
+    inner = max(info.shape[0] for key, info in infos.items() if ".experts.0." in key and len(info.shape) == 2)
+    return {"experts": experts, "expert_inner": int(inner), "top_k": int(config.get("num_experts_per_tok", 2))}
 
 
 def _count(shape: tuple[int, ...]) -> int:
@@ -89,7 +113,8 @@ def single_pass_chosen(shapes: Shapes, calibration_tokens: int, activation_bytes
 
 
 def predict_peak_mb(shapes: Shapes, baseline_mb: float, *, calibration_tokens: int = 0, batch_tokens: int = 0,
-                    activation_bytes: int = 2, single_pass: bool = False) -> float:
+                    activation_bytes: int = 2, single_pass: bool = False, moe_calibration: str = "routed",
+                    moe_memory: int = 2**30) -> float:
     """Predicted peak resident memory in MiB (calibration_tokens=0 for uncalibrated algorithms)."""
     s, w, W = shapes.source_bytes, shapes.block_params, shapes.largest_weight
     outside = shapes.largest_outside * s
@@ -99,4 +124,17 @@ def predict_peak_mb(shapes: Shapes, baseline_mb: float, *, calibration_tokens: i
     in_flight = IN_FLIGHT_WIDTHS * (N if single_pass else batch_tokens) * d * b
     capture = shapes.vocab * d * b + 2 * N * d * b
     block = w * b + w * s + 2 * N * d * b + in_flight + 8 * shapes.widest_input**2 + 16 * W
-    return baseline_mb + max(capture, block, outside) / MB
+    return baseline_mb + max(capture, block, outside, _experts_stage(shapes, N, b, in_flight, single_pass, moe_calibration,
+                                                                     moe_memory)) / MB
+
+
+def _experts_stage(shapes: Shapes, N: int, b: int, in_flight: int, single_pass: bool, policy: str, budget: int) -> int:
+    """Bytes held while a mixture-of-experts block's experts are calibrated (0 for a dense model)."""
+    if not shapes.experts:
+        return 0
+    d, I, w, s = shapes.hidden, shapes.expert_inner, shapes.block_params, shapes.source_bytes
+    per_expert = 4 * (I**2 + (d**2 if policy == "routed" else 0))
+    chunk = min(shapes.experts, max(1, budget // per_expert)) * per_expert + (4 * d**2 if policy == "all" else 0)
+    kept = 0 if single_pass else N * d * b + N * shapes.top_k * 8
+    rows = N * (d * (b + 4) + I * (3 * b + 4))
+    return w * b + w * s + 2 * N * d * b + in_flight + kept + chunk + rows + 16 * d * I + 4 * max(d, I) ** 2

@@ -49,7 +49,7 @@ def predicted_mb(name: str, settings: dict[str, Any]) -> float | None:
     tokens = CALIB_SAMPLES * CALIB_SEQLEN if needs_samples(name) else 0
     single = bool(tokens) and single_pass_chosen(shapes, tokens)
     return predict_peak_mb(shapes, settings["baseline_mb"], calibration_tokens=tokens, batch_tokens=8 * CALIB_SEQLEN,
-                           single_pass=single)
+                           single_pass=single, moe_calibration=ROWS[name][1].get("moe_calibration", "routed"))
 
 
 def in_matrix_order(rows: dict[str, Any]) -> list[tuple[str, Any]]:

@@ -197,8 +197,8 @@ def quantize_checkpoint(
             "format_plugin": {"name": fmt_entry.name, "distribution": fmt_entry.plugin.distribution,
                               "version": fmt_entry.plugin.version},
         }
-        linears = [r for r in records if r.extra.get("linear", True)]  # what loaders know as modules
-        folder.write_metadata(records, fmt.quantization_config(linears, dict(algo_config.__dict__), dtype), config, provenance)
+        # every record, the router's too: vLLM builds routers as Linear layers and must be told to leave them in float
+        folder.write_metadata(records, fmt.quantization_config(records, dict(algo_config.__dict__), dtype), config, provenance)
     report = QuantizeReport(output, source, fmt.name, records, checkpoint.total_bytes, folder.size(), time.perf_counter() - start)
     log.info("quantized %d weight matrices into %s in %.1f s", report.quantized, output, report.seconds)
     share = report.unasked_float_share()
@@ -315,8 +315,8 @@ def _quantize_blocks(job: _Job, calibrator: SequentialCalibrator | None, partial
                 job.quantize(module, None)
         job.records.extend(ModuleRecord(n, _shape2(job.checkpoint.infos[f"{n}.weight"].shape))
                            for n, c in plan.configs.items() if c is None and n.startswith(block) and n not in plan.kept)
-        job.records.extend(ModuleRecord(n, shape, extra={"kept": reason, **({"linear": False} if "nn.Linear:" in reason else {})})
-                           for n, (shape, reason) in plan.kept.items() if n.startswith(block))
+        job.records.extend(ModuleRecord(n, shape, extra={"kept": reason}) for n, (shape, reason) in plan.kept.items()
+                           if n.startswith(block))
         fault_point(f"block-{index}-before-save")
         partial.write_block(index, job.tensors, job.records)
         if calibrator is not None:

