@@ -88,6 +88,9 @@ def markdown_table(results: dict[str, Any]) -> str:
         if mark:
             notes.append(f"[{len(notes) + 1}] {name}: {row['note']}")
         lines.append(f"| {name}{mark} | " + " | ".join(cells) + " |")
+    fallbacks = [f"{name} {row['expert_fallback_share']:.1%}" for name, row in in_matrix_order(rows) if "expert_fallback_share" in row]
+    if fallbacks:
+        notes.append("Routed-expert projections quantized without calibration (too few routed tokens): " + ", ".join(fallbacks))
     return "\n".join(lines) + "\n" + "".join(f"\n{note}\n" for note in notes)
 
 
@@ -131,6 +134,7 @@ def scaling_plot(all_results: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(13, 4.6))
+    all_results = {n: r for n, r in all_results.items() if not r["settings"].get("shapes", {}).get("experts")}  # dense only
     names = sorted({row for r in all_results.values() for row in r["rows"] if row != "fp32"})
     colors = plt.get_cmap("tab20").colors  # one color per row: tab10's cycle repeated after ten rows
     model_sizes = sorted(r["settings"]["params"] / 1e9 for r in all_results.values())

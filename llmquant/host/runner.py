@@ -44,7 +44,7 @@ from llmquant.io.shards import ShardWriter, header_bound, parse_size
 from llmquant.plugins import AlgorithmEntry, Plugins
 from llmquant.uniform import check_groups
 
-__all__ = ["QuantizeReport", "quantize_checkpoint"]
+__all__ = ["QuantizeReport", "quantize_checkpoint", "warn_float_share"]
 
 log = logging.getLogger(__name__)
 
@@ -201,11 +201,17 @@ def quantize_checkpoint(
         folder.write_metadata(records, fmt.quantization_config(records, dict(algo_config.__dict__), dtype), config, provenance)
     report = QuantizeReport(output, source, fmt.name, records, checkpoint.total_bytes, folder.size(), time.perf_counter() - start)
     log.info("quantized %d weight matrices into %s in %.1f s", report.quantized, output, report.seconds)
+    warn_float_share(report)
+    return report
+
+
+def warn_float_share(report: QuantizeReport) -> None:
+    """Warn when more than `FLOAT_SHARE_WARNING` of the blocks' weights stayed in float unasked."""
     share = report.unasked_float_share()
     if share > FLOAT_SHARE_WARNING:
-        log.warning("%.0f%% of the blocks' weights stayed in float although no rule of yours asked for it (%s); "
-                    "see `llmquant inspect %s`", 100 * share, ", ".join(f"{n} {r}" for r, n in report.kept().items()), output)
-    return report
+        log.warning("%.0f%% OF THE BLOCKS' WEIGHTS STAYED IN FLOAT although no rule of yours asked for it (%s): the output "
+                    "is barely smaller or faster than the original; see `llmquant inspect %s`", 100 * share,
+                    ", ".join(f"{n} {r}" for r, n in report.kept().items()), report.output)
 
 
 @contextlib.contextmanager

@@ -179,3 +179,20 @@ def test_dense_models_take_no_moe_path(arch: str, tiny_model_factory: Any) -> No
     shapes = {k.removesuffix(".weight"): i.shape for k, i in checkpoint.infos.items() if len(i.shape) == 2}
     assert keys.to_model == {} and defuse_experts(model, config.model_type, shapes, keys, rules) == []
     assert find_blocks(model).count == 2
+
+
+def test_a_run_leaving_much_in_float_unasked_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    from llmquant.formats import ModuleRecord
+    from llmquant.host.runner import QuantizeReport, warn_float_share
+
+    quantized = [ModuleRecord(f"model.layers.0.q{i}", (64, 64), bits=4, group_size=32, symmetric=True) for i in range(4)]
+    mine = ModuleRecord("model.layers.0.mine", (64, 64))  # the user's ignore rule: never warned about
+    router = ModuleRecord("model.layers.0.mlp.gate", (8, 64), extra={"kept": "not an nn.Linear: 2-D parameter of Router"})
+    experts = ModuleRecord("model.layers.0.mlp.experts", (64, 64 * 8), extra={"kept": "not an nn.Linear: 3-D parameter"})
+    with caplog.at_level("WARNING", logger="llmquant"):
+        warn_float_share(QuantizeReport(Path("out"), Path("in"), "gptq", [*quantized, mine, router], 0, 0, 0.0))
+        assert not caplog.records
+        report = QuantizeReport(Path("out"), Path("in"), "gptq", [*quantized, mine, router, experts], 0, 0, 0.0)
+        warn_float_share(report)
+    assert report.kept() == {"ignore": 1, "not an nn.Linear": 2}
+    assert len(caplog.records) == 1 and "STAYED IN FLOAT" in caplog.text and "2 not an nn.Linear" in caplog.text
