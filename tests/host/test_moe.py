@@ -196,3 +196,15 @@ def test_a_run_leaving_much_in_float_unasked_warns_loudly(caplog: pytest.LogCapt
         warn_float_share(report)
     assert report.kept() == {"ignore": 1, "not an nn.Linear": 2}
     assert len(caplog.records) == 1 and "STAYED IN FLOAT" in caplog.text and "2 not an nn.Linear" in caplog.text
+
+
+@pytest.mark.parametrize("settings", [{"format": "compressed-tensors", "bits": 4, "group_size": 32, "symmetric": False},
+                                      {"algo": "nf4"}, {"algo": "nf4", "double_quant": True}], ids=["ct-asym", "nf4", "nf4-dq"])
+def test_every_format_holds_experts_and_llmquant_runs_them(settings: dict[str, Any], tmp_path: Path, pm: Plugins) -> None:
+    moe = save_tiny_moe(tmp_path / "model", "qwen3_moe")
+    report = quantize(moe, tmp_path / "out", settings, plugins=pm)
+    assert report.quantized == 2 * (4 + 8 * 3) and report.kept() == {"not an nn.Linear": 2}
+    with torch.no_grad():
+        ours = load_quantized(tmp_path / "out", dtype=torch.float32, kernel="dequant", plugins=pm)(_held_out()).logits
+        reference = AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32)(_held_out()).logits
+    assert torch.nn.functional.cosine_similarity(ours.flatten(), reference.flatten(), dim=0) > 0.97
