@@ -88,15 +88,15 @@ def shapes_of(folder: Path) -> Shapes:
         source_bytes=first[0].nbytes // _count(first[0].shape),
         layers=config["num_hidden_layers"],
         params=sum(elements),
-        **_expert_shapes(config, infos),
+        **_expert_shapes(config),
     )
 
 
-def _expert_shapes(config: dict[str, Any], infos: dict[str, Any]) -> dict[str, int]:
+def _expert_shapes(config: dict[str, Any]) -> dict[str, int]:
     experts = int(config.get("num_local_experts") or config.get("num_experts") or config.get("n_routed_experts") or 0)
     if not experts:
         return {}
-    inner = max(info.shape[0] for key, info in infos.items() if ".experts.0." in key and len(info.shape) == 2)
+    inner = config.get("moe_intermediate_size") or config["intermediate_size"]  # Mixtral's experts use intermediate_size
     return {"experts": experts, "expert_inner": int(inner), "top_k": int(config.get("num_experts_per_tok", 2))}
 
 

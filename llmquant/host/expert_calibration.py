@@ -111,7 +111,7 @@ def calibrate_experts(experts: ExpertLinears, path: str, inputs: list[tuple[Tens
     step = chunk_size(hidden, inter, policy)
     for start in range(0, len(experts), step):
         chunk = range(start, min(len(experts), start + step))
-        calibrated = {e: policy.mode == "all" or counts[e] >= policy.min_tokens * total for e in chunk}
+        calibrated = {e: policy.mode == "all" or (counts[e] > 0 and counts[e] >= policy.min_tokens * total) for e in chunk}
         gate_up: dict[int, CalibrationStats | None] = {}
         for e in chunk:
             if policy.mode == "all":

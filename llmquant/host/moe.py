@@ -67,19 +67,24 @@ class KeyMap:
 
     @classmethod
     def build(cls, disk_keys: Iterable[str], rules: MoERules) -> KeyMap:
+        """Rename every key, then map module paths from the keys: where ``A.x.y`` becomes ``B.x.y``,
+        the module ``A`` is ``B`` (so ``block_sparse_moe.gate.weight`` -> ``mlp.router.weight`` also
+        maps the module ``block_sparse_moe.gate`` to ``mlp.router``)."""
         if not rules.renamings:
             return cls({}, {})
-        names: set[str] = set()
-        for key in disk_keys:
-            parts = key.split(".")
-            names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
         to_model = {}
-        for name in names:
-            renamed = name + "."  # renamings match whole path segments, dots included
+        for key in disk_keys:
+            renamed = key
             for rule in rules.renamings:
                 renamed = rule.rename_source_key(renamed)[0]
-            if renamed[:-1] != name:
-                to_model[name] = renamed[:-1]
+            if renamed == key:
+                continue
+            to_model[key] = renamed
+            old, new = key.split("."), renamed.split(".")
+            while len(old) > 1 and len(new) > 1 and old[-1] == new[-1]:
+                old, new = old[:-1], new[:-1]
+                if old != new:
+                    to_model[".".join(old)] = ".".join(new)
         return cls(to_model, {v: k for k, v in to_model.items()})
 
     def model(self, disk: str) -> str:
@@ -171,6 +176,14 @@ def defuse_experts(model: nn.Module, model_type: str, linear_shapes: Mapping[str
                 f"{path} holds fused expert tensors ({', '.join(f'{n} {tuple(p.shape)}' for n, p in fused.items())}) that "
                 f"model_type {model_type!r} stores fused on disk, not per expert; llmquant quantizes experts stored per "
                 f"expert (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3) and cannot yet quantize this layout"
+            )
+        gate = getattr(type(module), "_apply_gate", None)  # transformers' default is act(gate) * up
+        unusual = [a for a in ("limit", "swiglu_limit", "alpha") if hasattr(module, a)]
+        unusual += ["_apply_gate"] if gate is not None and gate.__name__ != "_default_apply_gate" else []
+        if unusual:
+            raise CheckpointError(
+                f"{path} ({type(module).__name__}) computes its experts with more than act(gate) * up ({', '.join(unusual)}); "
+                f"llmquant quantizes experts of Mixtral, Qwen2-MoE, Qwen3-MoE and DeepSeek-V3 form and cannot yet run this one"
             )
         count = next(iter(fused.values())).shape[0]
         dtype = next(iter(fused.values())).dtype

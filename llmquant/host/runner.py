@@ -163,7 +163,7 @@ def quantize_checkpoint(
     linear_shapes = {k.removesuffix(".weight"): i.shape for k, i in checkpoint.infos.items() if len(i.shape) == 2}
     moe = defuse_experts(skeleton, model_config.model_type, linear_shapes, keys, rules)
     layout = find_blocks(skeleton)
-    plan = _plan(layout, checkpoint, config, algo_config, fmt, keys, {keys.disk(g) for g in _moe_gates(skeleton, moe, layout)},
+    plan = _plan(layout, checkpoint, config, algo_config, fmt, keys, {keys.disk(g): plain for g, plain in _moe_gates(skeleton, moe, layout).items()},
                  skeleton, moe)
     samples = _calibration_samples(source, calibration) if entry.cls.needs_calibration else None
     fingerprint = fingerprint_run(checkpoint, config.to_dict(), samples, f"{entry.plugin.distribution} {entry.plugin.version}")
@@ -249,7 +249,7 @@ def _calibration_samples(source: Path, calibration: CalibrationConfig) -> torch.
 
 
 def _plan(layout: BlockLayout, checkpoint: Checkpoint, config: QuantizeConfig, algo_config: Any, fmt: OutputFormat,
-          keys: KeyMap, gates: set[str], skeleton: Any, experts: list[str]) -> _Plan:
+          keys: KeyMap, gates: dict[str, bool], skeleton: Any, experts: list[str]) -> _Plan:
     """Decide, before any work, what happens to every weight matrix in the blocks (names on disk)."""
     configs: dict[str, Any] = {}
     kept: dict[str, tuple[tuple[int, int], str]] = {}
@@ -262,35 +262,40 @@ def _plan(layout: BlockLayout, checkpoint: Checkpoint, config: QuantizeConfig, a
             if any(re.search(p, name) for p in config.ignore):
                 configs[name] = None
                 continue
-            if name in gates and config.keep_moe_gates:
+            if name in gates and (config.keep_moe_gates or not gates[name]):
                 configs[name] = None
-                kept[name] = (shape, "router gate: kept in float by default (--quantize-moe-gates to quantize it)")
+                kept[name] = (shape, "router gate: kept in float by default (--quantize-moe-gates to quantize it)"
+                              if gates[name] else "router gate: a Linear subclass with its own forward, kept in float")
                 continue
             override = next((o for o in config.overrides if re.search(o.pattern, name)), None)
             module_config = dataclasses.replace(algo_config, **override.params) if override else algo_config
             check_groups(shape, getattr(module_config, "group_size", None), name)
             fmt.check_module(name, shape, module_config)
             configs[name] = module_config
-    prefix = layout.prefix + "."
+    in_blocks = re.compile(rf"^{re.escape(layout.prefix)}\.(\d+)\.")
     for key, info in checkpoint.infos.items():
         module = key.removesuffix(".weight")
-        if key.startswith(prefix) and len(info.shape) >= 2 and module not in configs:
+        block = in_blocks.match(key)
+        # blocks past the model's (a multi-token-prediction layer) are not the model's: transformers ignores them too
+        if block and int(block.group(1)) < layout.count and len(info.shape) >= 2 and module not in configs:
             owner = type(skeleton.get_submodule(keys.model(key).rpartition(".")[0])).__name__
             kept[module] = (_shape2(info.shape), f"not an nn.Linear: {len(info.shape)}-D parameter of {owner}")
     return _Plan(layout, configs, kept, keys, tuple(keys.disk(e) for e in experts))
 
 
-def _moe_gates(model: Any, experts: list[str], layout: BlockLayout) -> set[str]:
-    """Return the skeleton names of the router and shared-expert gates: Linears that are direct
-    children of a sparse-MoE block (the parent of an experts module) and output one value per
-    expert or a single value."""
-    gates = set()
+def _moe_gates(model: Any, experts: list[str], layout: BlockLayout) -> dict[str, bool]:
+    """Return the skeleton names of the router and shared-expert gates, each with whether it is a
+    plain ``nn.Linear`` (a subclass has its own forward, which a quantized Linear would not keep):
+    Linears anywhere in a sparse-MoE block (the parent of an experts module) outside its experts
+    that output one value per expert, or a single value."""
+    gates = {}
     for path in experts:
         parent, _, _ = path.rpartition(".")
         count = len(model.get_submodule(path))
-        for name, child in model.get_submodule(parent).named_children():
-            if isinstance(child, torch.nn.Linear) and child.out_features in (1, count):
-                gates.add(f"{parent}.{name}")
+        for name, child in model.get_submodule(parent).named_modules():
+            full = f"{parent}.{name}"
+            if isinstance(child, torch.nn.Linear) and child.out_features in (1, count) and not full.startswith(path + "."):
+                gates[full] = type(child) is torch.nn.Linear
     return gates
 
 

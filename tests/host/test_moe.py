@@ -208,3 +208,68 @@ def test_every_format_holds_experts_and_llmquant_runs_them(settings: dict[str, A
         ours = load_quantized(tmp_path / "out", dtype=torch.float32, kernel="dequant", plugins=pm)(_held_out()).logits
         reference = AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32)(_held_out()).logits
     assert torch.nn.functional.cosine_similarity(ours.flatten(), reference.flatten(), dim=0) > 0.97
+
+
+def _save(folder: Path, config: Any) -> Path:
+    from conftest import save_tiny_tokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0, 0.05)
+    model.save_pretrained(folder)
+    save_tiny_tokenizer(folder, 512)
+    return folder
+
+
+@pytest.mark.parametrize("arch", ["phimoe", "afmoe"])
+def test_routers_that_are_renamed_or_nested_stay_in_float(arch: str, tmp_path: Path, pm: Plugins) -> None:
+    """PhiMoE renames its router's key (block_sparse_moe.gate -> mlp.router, a Linear subclass); AFMoE nests it
+    (mlp.router.gate). Both are found, kept in float (even with --quantize-moe-gates for PhiMoE's), and the
+    defused model computes what transformers computes."""
+    import transformers
+
+    common = dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=128, num_experts_per_tok=2)
+    config = (transformers.PhimoeConfig(**common, intermediate_size=64, num_local_experts=4) if arch == "phimoe" else
+              transformers.AfmoeConfig(**common, intermediate_size=256, moe_intermediate_size=64, num_experts=8,
+                                       num_dense_layers=0))
+    source = _save(tmp_path / "model", config)
+    ours, replaced = _defused(source)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(_held_out()).logits, AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch.float32)(_held_out()).logits, rtol=1e-4, atol=1e-5)
+    report = quantize(source, tmp_path / "out", {"bits": 4, "group_size": 32, "keep_moe_gates": arch != "phimoe"}, plugins=pm)
+    assert report.kept() == {"router gate": 2}
+    assert report.quantized >= 2 * (4 + len(ours.get_submodule(replaced[0])) * 3)  # AFMoE adds a shared expert and gated attention
+
+
+def test_an_expert_no_token_reached_falls_back_even_with_no_threshold(tmp_path: Path, pm: Plugins) -> None:
+    """--moe-min-tokens 0 must not calibrate an expert on an all-zero Hessian (GPTQ would zero its weight)."""
+    from conftest import save_tiny_tokenizer
+
+    moe = save_tiny_moe(tmp_path / "model", "qwen3_moe")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(["t5 t6 t7 t8"] * 200))  # four words: some experts see no token at all
+    save_tiny_tokenizer(moe, 512)
+    quantize(moe, tmp_path / "out", {**GPTQ, "calib": str(calib), "calib_samples": 4, "calib_seqlen": 32, "moe_min_tokens": 0},
+             plugins=pm)
+    modules = json.loads((tmp_path / "out" / "llmquant.json").read_text())["modules"]
+    assert any(m.get("calibration") == "fallback: 0 routed tokens" for m in modules)
+    out = Checkpoint(tmp_path / "out")
+    assert all(out[f"{m['name']}.scales"].abs().min() > 0 for m in modules if m["bits"])
+
+
+def test_layers_past_the_models_are_not_planned(tmp_path: Path, pm: Plugins) -> None:
+    """DeepSeek-V3 and GLM-4.5 checkpoints carry a multi-token-prediction layer the model does not have."""
+    from safetensors.torch import load_file, save_file
+
+    moe = save_tiny_moe(tmp_path / "model", "deepseek_v3")
+    tensors = load_file(moe / "model.safetensors")
+    tensors.update({k.replace("model.layers.2.", "model.layers.3."): v.clone() for k, v in tensors.items() if ".layers.2." in k})
+    tensors["model.layers.3.eh_proj.weight"] = torch.randn(128, 256)
+    save_file(tensors, str(moe / "model.safetensors"), metadata={"format": "pt"})
+    report = quantize(moe, tmp_path / "out", {"bits": 4, "group_size": 32}, plugins=pm)
+    assert not [m.name for m in report.modules if ".layers.3." in m.name]

@@ -179,3 +179,19 @@ def test_the_drivers_run_from_the_repository_root(command: list[str]) -> None:
     done = run_measured([sys.executable, *command, "--help"], cwd=ROOT,
                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert done.ok and "usage:" in done.stdout, done.stderr[-2000:]
+
+
+def test_moe_shapes_and_the_experts_stage_of_the_formula(tmp_path: Path) -> None:
+    from conftest import save_tiny_moe
+
+    shapes = shapes_of(save_tiny_moe(tmp_path / "moe", "qwen3_moe"))
+    assert (shapes.experts, shapes.expert_inner, shapes.top_k) == (8, 64, 2)
+    dense = Shapes(**{**shapes.to_dict(), "experts": 0, "expert_inner": 0, "top_k": 0})
+    N, d, I, b = 4096, 128, 64, 2
+    routed = predict_peak_mb(shapes, 0, calibration_tokens=N, batch_tokens=1024)
+    everything = predict_peak_mb(shapes, 0, calibration_tokens=N, batch_tokens=1024, moe_calibration="all")
+    assert routed > predict_peak_mb(dense, 0, calibration_tokens=N, batch_tokens=1024)
+    # all: one shared d x d Hessian instead of one per expert in the chunk (all 8 fit the default budget)
+    assert (routed - everything) * MB == pytest.approx(8 * 4 * d**2 - 4 * d**2)
+    one = predict_peak_mb(shapes, 0, calibration_tokens=N, batch_tokens=1024, moe_memory=1)  # chunks of one expert
+    assert (routed - one) * MB == pytest.approx(7 * 4 * (I**2 + d**2))
