@@ -246,7 +246,9 @@ def baseline_mb(args: argparse.Namespace) -> float:
     """Peak RSS of a process that only imports what a quantization run imports (the formula's B)."""
     from eval.benchmarks.limits import run_measured
 
-    code = "import torch, transformers, llmquant.api, llmquant.host.runner; from eval.memory import peak_rss_mb; print(peak_rss_mb())"
+    # datasets too: every calibrated run imports it for its calibration text (about 85 MB on this machine)
+    code = ("import torch, transformers, llmquant.api, llmquant.host.runner, datasets; from eval.memory import peak_rss_mb; "
+            "print(peak_rss_mb())")
     done = run_measured([sys.executable, "-c", code], env=child_env(args))
     return float(done.stdout.strip().splitlines()[-1])
 

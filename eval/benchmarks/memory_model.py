@@ -29,7 +29,7 @@ adds a stage to the calibrated maximum, while its experts are calibrated from th
         + [all] 4 * d**2                          the gate/up Hessian all experts share
         + n * (d * (b + 4) + I * (3 * b + 4))     one expert's rows, their float32 copy, its gate, up and
                                                   intermediate, and that in float32 (n = N with all,
-                                                  n = N * k / E on average with routed: N bounds it)
+                                                  n = N * k / E, the average share, with routed)
         + 4 * 4 * |We| + 4 * max(d, I)**2         GPTQ's working copies for one expert projection
 """
 
@@ -136,5 +136,6 @@ def _experts_stage(shapes: Shapes, N: int, b: int, in_flight: int, single_pass: 
     per_expert = 4 * (I**2 + (d**2 if policy == "routed" else 0))
     chunk = min(shapes.experts, max(1, budget // per_expert)) * per_expert + (4 * d**2 if policy == "all" else 0)
     kept = 0 if single_pass else N * d * b + N * shapes.top_k * 8
-    rows = N * (d * (b + 4) + I * (3 * b + 4))
+    n = N if policy == "all" else N * shapes.top_k // shapes.experts  # an expert's rows: every token, or its average share
+    rows = n * (d * (b + 4) + I * (3 * b + 4))
     return w * b + w * s + 2 * N * d * b + in_flight + kept + chunk + rows + 16 * d * I + 4 * max(d, I) ** 2
