@@ -82,7 +82,9 @@ def test_vllm_agrees_with_llmquant(case: str, outputs: Path) -> None:
     assert check.kl_mean <= MAX_KL and check.top1_in_top2 >= MIN_TOP2 and check.positions > 50
     print(f"{case}: mean KL {check.kl_mean:.5f} (max {check.kl_max:.4f}), top-1 in our top 2 {check.top1_in_top2:.1%}, "
           f"exact top-1 {check.top1_agreement:.1%} of {check.positions} positions, max |dlogprob| {check.max_abs_delta_logprob:.4f}")
-    assert check.greedy_text is not None and "Paris" in check.greedy_text[0], check.greedy_text
+    # coherent, on topic: the exact words move with the thread count's float summation order (" Paris, ..." on two
+    # threads, " the capital of France. ..." for GPTQ on one)
+    assert check.greedy_text is not None and ("Paris" in check.greedy_text[0] or "France" in check.greedy_text[0]), check.greedy_text
 
 
 def test_vllm_cpu_on_bitsandbytes_nf4_is_recorded(outputs: Path) -> None:
