@@ -199,7 +199,8 @@ def child(args: argparse.Namespace, mode: str, row: str, out: Path, work: Path, 
 
 
 def child_env(args: argparse.Namespace) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), GPTQMODEL_CPU_WORKERS=str(args.threads),
+    # GPTQModel 7.6's CPU pool refuses fewer than 2 workers; torch's own threads stay at --threads
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), GPTQMODEL_CPU_WORKERS=str(max(2, args.threads)),
                TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     return env
 
