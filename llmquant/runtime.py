@@ -156,19 +156,27 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = 
     keys = sorted(checkpoint)
     rules = moe_rules(config.model_type)
     names = KeyMap.build(keys, rules)
-    defuse_experts(model, config.model_type, _linear_shapes(folder, checkpoint), names, rules)
     quantized = sorted({m for m in map(fmt.quantized_module, keys) if m is not None})
+    by_module: dict[str, list[str]] = {}
+    for key in keys:
+        by_module.setdefault(key.rpartition(".")[0], []).append(key)
+    modules: dict[str, QuantLinear | Int4Linear] = {}
     done: set[str] = set()
     for name in quantized:
-        own = [k for k in keys if k.startswith(f"{name}.") and k != f"{name}.bias"]
+        own = [k for k in by_module.get(name, []) if k != f"{name}.bias"]
         tensors = {k[len(name) + 1:]: checkpoint[k] for k in own}
         bias = checkpoint[f"{name}.bias"] if f"{name}.bias" in checkpoint else None
-        module: nn.Module = QuantLinear(fmt, tensors, quant, bias, dtype)
+        module: QuantLinear | Int4Linear = QuantLinear(fmt, tensors, quant, bias, dtype)
         result = module.result() if use_kernel and isinstance(module, QuantLinear) else None
         if result is not None and Int4Linear.kernel_group_size(result) is not None:
             module = Int4Linear(result, bias, dtype)
-        model.set_submodule(names.model(name), module)
+        modules[name] = module
         done.update(own, [f"{name}.bias"])
+    # the quantized modules' own shapes: an output of another tool has no run record (GPTQModel's MoE outputs)
+    shapes = {**_linear_shapes(folder, checkpoint), **{n: (int(m.out_features), int(m.in_features)) for n, m in modules.items()}}
+    defuse_experts(model, config.model_type, shapes, names, rules)
+    for name, module in modules.items():
+        model.set_submodule(names.model(name), module)
     state = {names.model(k): _as(checkpoint[k], dtype) for k in keys if k not in done}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
