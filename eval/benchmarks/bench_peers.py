@@ -329,6 +329,7 @@ def run_model(name: str, args: argparse.Namespace) -> None:
             results["rows"][row] = entry
             save(results, results_path)
         if not args.no_score:
+            entry.pop("score_error", None)  # an earlier attempt's
             scored = run_measured(child(args, "score", row, out, work, model, sys.executable), env=child_env(args))
             try:
                 entry.update(last_json(scored.stdout))  # a child that died after its perplexity still has it
