@@ -7,6 +7,7 @@ everything else is an ordinary transformers module.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from pathlib import Path
@@ -157,13 +158,12 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = 
     rules = moe_rules(config.model_type)
     names = KeyMap.build(keys, rules)
     quantized = sorted({m for m in map(fmt.quantized_module, keys) if m is not None})
-    by_module: dict[str, list[str]] = {}
-    for key in keys:
-        by_module.setdefault(key.rpartition(".")[0], []).append(key)
     modules: dict[str, QuantLinear | Int4Linear] = {}
     done: set[str] = set()
     for name in quantized:
-        own = [k for k in by_module.get(name, []) if k != f"{name}.bias"]
+        start = bisect.bisect_left(keys, f"{name}.")  # keys are sorted: a module's are contiguous
+        end = bisect.bisect_left(keys, f"{name}/")  # "/" sorts right after "."
+        own = [k for k in keys[start:end] if k != f"{name}.bias"]
         tensors = {k[len(name) + 1:]: checkpoint[k] for k in own}
         bias = checkpoint[f"{name}.bias"] if f"{name}.bias" in checkpoint else None
         module: QuantLinear | Int4Linear = QuantLinear(fmt, tensors, quant, bias, dtype)
