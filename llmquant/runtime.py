@@ -20,9 +20,8 @@ from torch import Tensor, nn
 from llmquant.algorithm import UniformQuantized
 from llmquant.errors import CheckpointError
 from llmquant.formats import OutputFormat
-from llmquant.host.arch import build_skeleton
 from llmquant.host.checkpoint import Checkpoint
-from llmquant.host.moe import KeyMap, defuse_experts, moe_rules
+from llmquant.host.moe import defused_skeleton, weight_shapes
 from llmquant.plugins import Plugins, get_plugin_manager
 
 __all__ = ["Int4Linear", "QuantLinear", "load_quantized"]
@@ -152,11 +151,8 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = 
     dtype = dtype or _config_dtype(raw)
     use_kernel = kernel == "int4" or (kernel == "auto" and dtype in (torch.bfloat16, torch.float16))
     config.dtype = dtype
-    model: Any = build_skeleton(config)  # a transformers PreTrainedModel
     checkpoint = Checkpoint(folder)
     keys = sorted(checkpoint)
-    rules = moe_rules(config.model_type)
-    names = KeyMap.build(keys, rules)
     quantized = sorted({m for m in map(fmt.quantized_module, keys) if m is not None})
     modules: dict[str, QuantLinear | Int4Linear] = {}
     done: set[str] = set()
@@ -174,7 +170,8 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = 
         done.update(own, [f"{name}.bias"])
     # the quantized modules' own shapes: an output of another tool has no run record (GPTQModel's MoE outputs)
     shapes = {**_linear_shapes(folder, checkpoint), **{n: (int(m.out_features), int(m.in_features)) for n, m in modules.items()}}
-    defuse_experts(model, config.model_type, shapes, names, rules)
+    model: Any
+    model, names, _ = defused_skeleton(config, keys, shapes)  # a transformers PreTrainedModel
     for name, module in modules.items():
         model.set_submodule(names.model(name), module)
     state = {names.model(k): _as(checkpoint[k], dtype) for k in keys if k not in done}
@@ -193,7 +190,7 @@ def _linear_shapes(folder: Path, checkpoint: Checkpoint) -> dict[str, tuple[int,
     record = folder / "llmquant.json"
     if record.exists():
         return {m["name"]: tuple(m["shape"]) for m in json.loads(record.read_text())["modules"]}
-    return {k.removesuffix(".weight"): info.shape for k, info in checkpoint.infos.items() if len(info.shape) == 2}
+    return weight_shapes(checkpoint.infos)
 
 
 def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:

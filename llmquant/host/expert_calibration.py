@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from llmquant.algorithm import CalibrationStats
+from llmquant.host.hessian import HessianAccumulator
 from llmquant.host.moe import ExpertLinears
 
 __all__ = ["ExpertPolicy", "calibrate_experts", "chunk_size"]
@@ -63,24 +64,6 @@ def chunk_size(hidden: int, intermediate: int, policy: ExpertPolicy) -> int:
     return max(1, policy.memory // per_expert)
 
 
-class _Hessian:
-    """``2/n * sum(x x^T)`` as a float32 sum over the rows seen."""
-
-    def __init__(self, size: int, device: torch.device) -> None:
-        self.total = torch.zeros(size, size, dtype=torch.float32, device=device)
-        self.n = 0
-
-    def add(self, x: Tensor) -> None:
-        from llmquant.host.calibrate import accumulate_hessian
-
-        if x.shape[0]:
-            accumulate_hessian(self.total, x)
-            self.n += x.shape[0]
-
-    def stats(self) -> CalibrationStats:
-        return CalibrationStats(H=self.total.mul_(2 / max(self.n, 1)), nsamples=self.n)
-
-
 @torch.no_grad()
 def calibrate_experts(experts: ExpertLinears, path: str, inputs: list[tuple[Tensor, Tensor]], quantize: Quantize,
                       targets: set[str], policy: ExpertPolicy) -> dict[str, int]:
@@ -103,7 +86,7 @@ def calibrate_experts(experts: ExpertLinears, path: str, inputs: list[tuple[Tens
     inter = getattr(experts[0], experts.down).in_features
     shared = None
     if policy.mode == "all":
-        shared = _Hessian(hidden, device)
+        shared = HessianAccumulator(hidden, device)
         for h, _ in inputs:
             shared.add(h)
         shared_stats = shared.stats()
@@ -117,7 +100,7 @@ def calibrate_experts(experts: ExpertLinears, path: str, inputs: list[tuple[Tens
             if policy.mode == "all":
                 gate_up[e] = shared_stats
             elif calibrated[e]:
-                acc = _Hessian(hidden, device)
+                acc = HessianAccumulator(hidden, device)
                 for (h, _), r in zip(inputs, rows):
                     acc.add(h[r[e]])
                 gate_up[e] = acc.stats()
@@ -128,7 +111,7 @@ def calibrate_experts(experts: ExpertLinears, path: str, inputs: list[tuple[Tens
         for e in chunk:
             stats = None
             if calibrated[e]:
-                acc = _Hessian(inter, device)
+                acc = HessianAccumulator(inter, device)
                 for (h, _), r in zip(inputs, rows):
                     x = h if policy.mode == "all" else h[r[e]]
                     acc.add(experts.intermediate(e, x))

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from llmquant.errors import CheckpointError
 
-__all__ = ["ExpertLinears", "KeyMap", "MoERules", "defuse_experts", "moe_rules"]
+__all__ = ["ExpertLinears", "KeyMap", "MoERules", "defuse_experts", "defused_skeleton", "moe_rules", "weight_shapes"]
 
 _EXPERT = r"(?P<expert>\d+)"
 TRANSFORMERS_ROLES = ("gate_proj", "up_proj", "down_proj")
@@ -216,3 +216,23 @@ def _roles(rules: MoERules, fused: dict[str, Any]) -> tuple[str, str, str]:
         raise CheckpointError(f"fused experts {sorted(fused)}: expected one gate/up pair and one down projection")
     (gate, up), (down,) = pairs[0], singles[0]
     return gate, up, down
+
+
+def weight_shapes(infos: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """``(out, in)`` of every 2-D ``NAME.weight`` tensor of a checkpoint's `infos`, by module ``NAME``."""
+    return {k.removesuffix(".weight"): tuple(i.shape) for k, i in infos.items() if k.endswith(".weight") and len(i.shape) == 2}
+
+
+def defused_skeleton(config: Any, disk_keys: Iterable[str], linear_shapes: Mapping[str, tuple[int, ...]]) -> tuple[
+        nn.Module, KeyMap, list[str]]:
+    """Build the meta skeleton of `config` with its fused experts replaced by `ExpertLinears`.
+
+    Returns:
+        The skeleton, the checkpoint <-> skeleton `KeyMap`, and the replaced experts' skeleton paths.
+    """
+    from llmquant.host.arch import build_skeleton
+
+    rules = moe_rules(config.model_type)
+    keys = KeyMap.build(disk_keys, rules)
+    model = build_skeleton(config)
+    return model, keys, defuse_experts(model, config.model_type, linear_shapes, keys, rules)

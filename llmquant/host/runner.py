@@ -30,10 +30,10 @@ from llmquant.algorithm import CalibrationStats, QuantResult
 from llmquant.config import QuantizeConfig
 from llmquant.errors import LlmquantError, PluginError
 from llmquant.formats import ModuleRecord, OutputFormat, output_dtype, record_for
-from llmquant.host.arch import BlockLayout, build_skeleton, find_blocks
+from llmquant.host.arch import BlockLayout, find_blocks
 from llmquant.host.calibrate import SequentialCalibrator
 from llmquant.host.expert_calibration import ExpertPolicy
-from llmquant.host.moe import KeyMap, defuse_experts, moe_rules
+from llmquant.host.moe import KeyMap, defused_skeleton, weight_shapes
 from llmquant.host.calibration_data import CalibrationConfig, load_calibration
 from llmquant.host.checkpoint import Checkpoint
 from llmquant.host.output import OutputFolder
@@ -157,11 +157,7 @@ def quantize_checkpoint(
     checkpoint = Checkpoint(source)
     model_config = AutoConfig.from_pretrained(source)
     dtype = output_dtype(json.loads((source / "config.json").read_text()), config.dtype)
-    skeleton = build_skeleton(model_config)
-    rules = moe_rules(model_config.model_type)
-    keys = KeyMap.build(checkpoint.infos, rules)
-    linear_shapes = {k.removesuffix(".weight"): i.shape for k, i in checkpoint.infos.items() if len(i.shape) == 2}
-    moe = defuse_experts(skeleton, model_config.model_type, linear_shapes, keys, rules)
+    skeleton, keys, moe = defused_skeleton(model_config, checkpoint.infos, weight_shapes(checkpoint.infos))
     layout = find_blocks(skeleton)
     plan = _plan(layout, checkpoint, config, algo_config, fmt, keys, {keys.disk(g): plain for g, plain in _moe_gates(skeleton, moe, layout).items()},
                  skeleton, moe)

@@ -17,9 +17,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from conftest import MOE_HOST_ARCHS, calibration_file, save_tiny_moe
 from llmquant.api import quantize
 from llmquant.errors import CheckpointError
-from llmquant.host.arch import build_skeleton, find_blocks
+from llmquant.host.arch import find_blocks
 from llmquant.host.checkpoint import Checkpoint
-from llmquant.host.moe import ExpertLinears, KeyMap, defuse_experts, moe_rules
+from llmquant.host.moe import ExpertLinears, defused_skeleton, weight_shapes
 from llmquant.plugins import Plugins
 from llmquant.runtime import load_quantized
 
@@ -49,13 +49,8 @@ def _held_out() -> torch.Tensor:
 
 def _defused(folder: Path) -> Any:
     """The skeleton with its experts as per-expert Linears, loaded with the checkpoint's float weights."""
-    config = AutoConfig.from_pretrained(folder)
     checkpoint = Checkpoint(folder)
-    rules = moe_rules(config.model_type)
-    keys = KeyMap.build(checkpoint, rules)
-    model = build_skeleton(config)
-    shapes = {k.removesuffix(".weight"): i.shape for k, i in checkpoint.infos.items() if len(i.shape) == 2}
-    replaced = defuse_experts(model, config.model_type, shapes, keys, rules)
+    model, keys, replaced = defused_skeleton(AutoConfig.from_pretrained(folder), checkpoint, weight_shapes(checkpoint.infos))
     model.load_state_dict({keys.model(k): checkpoint[k] for k in checkpoint}, strict=False, assign=True)
     assert not [n for n, p in model.named_parameters() if p.is_meta]
     return model.eval(), replaced
@@ -171,13 +166,9 @@ def test_fused_experts_on_disk_are_refused_in_one_line(tmp_path: Path, pm: Plugi
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text", "opt"])
 def test_dense_models_take_no_moe_path(arch: str, tiny_model_factory: Any) -> None:
     folder = tiny_model_factory(arch)
-    config = AutoConfig.from_pretrained(folder)
     checkpoint = Checkpoint(folder)
-    rules = moe_rules(config.model_type)
-    keys = KeyMap.build(checkpoint, rules)
-    model = build_skeleton(config)
-    shapes = {k.removesuffix(".weight"): i.shape for k, i in checkpoint.infos.items() if len(i.shape) == 2}
-    assert keys.to_model == {} and defuse_experts(model, config.model_type, shapes, keys, rules) == []
+    model, keys, replaced = defused_skeleton(AutoConfig.from_pretrained(folder), checkpoint, weight_shapes(checkpoint.infos))
+    assert keys.to_model == {} and replaced == []
     assert find_blocks(model).count == 2
 
 
