@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--moe-memory", help="memory for one chunk of experts' Hessians (default 1GB)")
     m.add_argument("--quantize-moe-gates", dest="keep_moe_gates", action="store_false", default=None,
                    help="quantize router and shared-expert gates that are Linears (kept in float by default)")
+    m.add_argument("--expert-names", choices=["checkpoint", "transformers"],
+                   help="write experts under the checkpoint's names (default; what vLLM reads) or transformers' "
+                   "(Mixtral's w1/w3/w2 become mlp.experts.N.gate_proj/up_proj/down_proj: what GPTQModel reads)")
     g = q.add_argument_group("gptq")
     g.add_argument("--damp-percent", type=float, help="Hessian dampening as a fraction of its mean diagonal (default 0.01)")
     g.add_argument("--desc-act", action="store_true", default=None, help="act-order: columns by decreasing Hessian diagonal")
@@ -158,6 +161,7 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         "algo": args.algo, "format": args.format, "bits": args.bits, "group_size": args.group_size,
         "symmetric": args.symmetric, "dtype": args.dtype, "max_shard_size": args.max_shard_size,
         "device": args.device, "ignore": args.ignore, "keep_moe_gates": args.keep_moe_gates,
+        "expert_names": args.expert_names,
         **{k: getattr(args, k) for k in (
             "calib", "calib_samples", "calib_seqlen", "calib_split", "calib_column", "calib_config", "calib_chat_template",
             "calib_batch_size", "calib_dtype", "calib_memory", "calib_mode", "seed", "damp_percent", "desc_act", "static_groups",

@@ -29,6 +29,7 @@ from typing import Any, Literal, Mapping
 
 from llmquant.errors import ConfigError
 from llmquant.host.calibration_data import CalibrationConfig
+from llmquant.host.moe import EXPERT_NAMES
 from llmquant.io.shards import parse_size
 
 __all__ = ["Override", "QuantizeConfig", "build_dataclass", "load_toml", "resolve_config"]
@@ -61,6 +62,9 @@ class QuantizeConfig:
             "cpu", "cuda", "cuda:1".
         keep_moe_gates: keep the router and shared-expert gates of mixture-of-experts blocks in
             float (the router is usually not an nn.Linear at all, and is then always kept).
+        expert_names: the names routed experts are written under: "checkpoint" (the source's own,
+            what vLLM reads) or "transformers" (transformers' defused names, what GPTQModel and
+            gptqmodel's defuser read; differs from the checkpoint's for Mixtral only).
         params: the algorithm's own fields, validated by its `config_type`.
     """
 
@@ -72,6 +76,7 @@ class QuantizeConfig:
     max_shard_size: str = "2GB"
     device: str = "auto"
     keep_moe_gates: bool = True
+    expert_names: str = "checkpoint"
     params: Mapping[str, Any] = field(default_factory=dict)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
@@ -82,6 +87,8 @@ class QuantizeConfig:
             raise ConfigError("max_shard_size", self.max_shard_size, "a size such as 2GB or 500MiB") from exc
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        if self.expert_names not in EXPERT_NAMES:
+            raise ConfigError("expert_names", self.expert_names, f"one of {', '.join(EXPERT_NAMES)}")
         for pattern in (*self.ignore, *(o.pattern for o in self.overrides)):
             try:
                 re.compile(pattern)
@@ -95,6 +102,7 @@ class QuantizeConfig:
             "overrides": [{"pattern": o.pattern, **o.params} for o in self.overrides],
             "dtype": self.dtype, "max_shard_size": self.max_shard_size, "device": self.device,
             **({} if self.keep_moe_gates else {"keep_moe_gates": False}),
+            **({} if self.expert_names == "checkpoint" else {"expert_names": self.expert_names}),
             **dict(self.params),
             **dataclasses.asdict(self.calibration),
         }

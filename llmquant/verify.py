@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from llmquant.errors import LlmquantError
+
 __all__ = ["PROMPTS", "TOP_K", "LoaderCheck", "position_kl", "verify_output"]
 
 TOP_K = 20  # logprobs kept per position: vLLM's default ceiling for prompt logprobs
@@ -134,7 +136,8 @@ def _transformers(path: Path, prompts: list[list[int]], dtype: torch.dtype) -> t
     from transformers import AutoModelForCausalLM
 
     from llmquant.deps import require
-    from llmquant.host.moe import moe_rules
+    from llmquant.host.checkpoint import Checkpoint
+    from llmquant.host.moe import KeyMap, moe_rules
 
     quant = json.loads((path / "config.json").read_text()).get("quantization_config", {})
     kwargs: dict[str, Any] = {}
@@ -147,7 +150,12 @@ def _transformers(path: Path, prompts: list[list[int]], dtype: torch.dtype) -> t
         kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
         note = "asymmetric compressed-tensors loaded with run_compressed=False"
     config = json.loads((path / "config.json").read_text())
-    if quant.get("quant_method") == "gptq" and moe_rules(str(config.get("model_type"))).fused:
+    rules = moe_rules(str(config.get("model_type")))
+    if quant.get("quant_method") == "gptq" and rules.fused:
+        if KeyMap.build(Checkpoint(path).infos, rules).to_model:
+            raise LlmquantError("its experts are under the checkpoint's names (Mixtral's block_sparse_moe.experts.N.w1), which "
+                                "gptqmodel's defuser does not load; quantize with --expert-names transformers for transformers "
+                                "and GPTQModel (vLLM reads the checkpoint's names)")
         # transformers 5 fuses experts into 3-D tensors, which the GPTQ integration cannot replace; gptqmodel's
         # defuser gives it per-expert Linears back (it patches transformers' classes for this process)
         defuser = require("defuser", extra="loaders", purpose="loading quantized mixture-of-experts checkpoints in transformers")

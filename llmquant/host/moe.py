@@ -22,10 +22,12 @@ from torch import Tensor, nn
 
 from llmquant.errors import CheckpointError
 
-__all__ = ["ExpertLinears", "KeyMap", "MoERules", "defuse_experts", "defused_skeleton", "moe_rules", "weight_shapes"]
+__all__ = ["EXPERT_NAMES", "ExpertLinears", "KeyMap", "MoERules", "OutputNames", "defuse_experts", "defused_skeleton",
+           "moe_rules", "weight_shapes"]
 
 _EXPERT = r"(?P<expert>\d+)"
 TRANSFORMERS_ROLES = ("gate_proj", "up_proj", "down_proj")
+EXPERT_NAMES = ("checkpoint", "transformers")
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,41 @@ class KeyMap:
 
     def disk(self, model: str) -> str:
         return self.to_disk.get(model, model)
+
+
+@dataclass(frozen=True)
+class OutputNames:
+    """Name on disk -> name in the output, for tensor keys and module names alike (longest module
+    prefix wins): empty, so the identity, for ``--expert-names checkpoint``; for ``transformers``, the
+    names of transformers' own model with its experts defused (Mixtral ``block_sparse_moe.experts.N.w1``
+    -> ``mlp.experts.N.gate_proj``), the only ones GPTQModel and gptqmodel's defuser load."""
+
+    modules: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, policy: str, model: nn.Module, keys: KeyMap, experts: Iterable[str]) -> OutputNames:
+        """The renaming for `policy` (one of `EXPERT_NAMES`) of the skeleton `model`'s `experts` paths."""
+        if policy == "checkpoint":
+            return cls()
+        renamed = {}
+        for path in experts:
+            linears = model.get_submodule(path)
+            for e in range(len(linears)):
+                for role, name in zip((linears.gate, linears.up, linears.down), TRANSFORMERS_ROLES):
+                    renamed[keys.disk(f"{path}.{e}.{role}")] = f"{path}.{e}.{name}"
+        # the renamings' own entries, less the tensor keys of a renamed expert (its ``w1.weight``)
+        modules = {d: m for d, m in keys.to_model.items() if d.rpartition(".")[0] not in renamed}
+        return cls({d: m for d, m in {**modules, **renamed}.items() if d != m})
+
+    def __call__(self, name: str) -> str:
+        if not self.modules:
+            return name
+        parts = name.split(".")
+        for i in range(len(parts), 0, -1):
+            head = ".".join(parts[:i])
+            if head in self.modules:
+                return ".".join([self.modules[head], *parts[i:]])
+        return name
 
 
 class _Expert(nn.Module):

@@ -33,7 +33,7 @@ from llmquant.formats import ModuleRecord, OutputFormat, output_dtype, record_fo
 from llmquant.host.arch import BlockLayout, find_blocks
 from llmquant.host.calibrate import SequentialCalibrator
 from llmquant.host.expert_calibration import ExpertPolicy
-from llmquant.host.moe import KeyMap, defused_skeleton, weight_shapes
+from llmquant.host.moe import KeyMap, OutputNames, defused_skeleton, weight_shapes
 from llmquant.host.calibration_data import CalibrationConfig, load_calibration
 from llmquant.host.checkpoint import Checkpoint
 from llmquant.host.output import OutputFolder
@@ -94,6 +94,7 @@ class _Plan:
     kept: dict[str, tuple[tuple[int, int], str]]
     keys: KeyMap
     experts: tuple[str, ...] = ()  # the routed-experts modules (names on disk)
+    output_names: OutputNames = OutputNames()  # name on disk -> name written
 
 
 class _Job:
@@ -276,7 +277,8 @@ def _plan(layout: BlockLayout, checkpoint: Checkpoint, config: QuantizeConfig, a
         if block and int(block.group(1)) < layout.count and len(info.shape) >= 2 and module not in configs:
             owner = type(skeleton.get_submodule(keys.model(key).rpartition(".")[0])).__name__
             kept[module] = (_shape2(info.shape), f"not an nn.Linear: {len(info.shape)}-D parameter of {owner}")
-    return _Plan(layout, configs, kept, keys, tuple(keys.disk(e) for e in experts))
+    return _Plan(layout, configs, kept, keys, tuple(keys.disk(e) for e in experts),
+                 OutputNames.build(config.expert_names, skeleton, keys, experts))
 
 
 def _moe_gates(model: Any, experts: list[str], layout: BlockLayout) -> dict[str, bool]:
@@ -325,7 +327,9 @@ def _quantize_blocks(job: _Job, calibrator: SequentialCalibrator | None, partial
         job.records.extend(ModuleRecord(n, shape, extra={"kept": reason}) for n, (shape, reason) in plan.kept.items()
                            if n.startswith(block))
         fault_point(f"block-{index}-before-save")
-        partial.write_block(index, job.tensors, job.records)
+        rename = plan.output_names
+        partial.write_block(index, [(rename(k), t) for k, t in job.tensors],
+                            [dataclasses.replace(r, name=rename(r.name)) for r in job.records])
         if calibrator is not None:
             partial.save_activations(index, calibrator.input_tensors())
         fault_point(f"block-{index}")
@@ -352,7 +356,7 @@ def _assemble(job: _Job, partial: PartialRun, folder: Path) -> list[ModuleRecord
     outside = _keys_by_block(job).get(-1, [])
     metadata = {"quantizer": "llmquant"}
     names = [(name, len(reader.infos[name].shape)) for reader, order in blocks for name in order]
-    names += [(key, len(job.checkpoint.infos[key].shape)) for key in outside]
+    names += [(job.plan.output_names(key), len(job.checkpoint.infos[key].shape)) for key in outside]
     # every name is known now, so each shard's header gets its room up front and no byte is written twice
     writer = ShardWriter(folder, parse_size(job.config.max_shard_size), metadata, header_reserve=header_bound(names, metadata))
     records: list[ModuleRecord] = []
@@ -363,7 +367,7 @@ def _assemble(job: _Job, partial: PartialRun, folder: Path) -> list[ModuleRecord
         return_freed_memory(collect=False)
     fault_point("assemble")
     for key in outside:
-        writer.add(key, job.read(key))
+        writer.add(job.plan.output_names(key), job.read(key))
     writer.close()
     fault_point("shards-written")
     return records

@@ -264,3 +264,27 @@ def test_layers_past_the_models_are_not_planned(tmp_path: Path, pm: Plugins) -> 
     save_file(tensors, str(moe / "model.safetensors"), metadata={"format": "pt"})
     report = quantize(moe, tmp_path / "out", {"bits": 4, "group_size": 32}, plugins=pm)
     assert not [m.name for m in report.modules if ".layers.3." in m.name]
+
+
+def test_expert_names_transformers_writes_what_gptqmodel_reads_and_computes_the_same(tmp_path: Path, pm: Plugins) -> None:
+    """--expert-names transformers: Mixtral's block_sparse_moe.experts.N.w1/w3/w2 are written as
+    mlp.experts.N.gate_proj/up_proj/down_proj (every other key under transformers' name too); the
+    same codes, so llmquant's runtime computes the same logits; Qwen keeps its names byte for byte."""
+    moe = save_tiny_moe(tmp_path / "mixtral", "mixtral")
+    quantize(moe, tmp_path / "checkpoint", {"bits": 4, "group_size": 32}, plugins=pm)
+    quantize(moe, tmp_path / "transformers", {"bits": 4, "group_size": 32, "expert_names": "transformers"}, plugins=pm)
+    theirs, ours = Checkpoint(tmp_path / "checkpoint"), Checkpoint(tmp_path / "transformers")
+    renamed = {k.replace("block_sparse_moe", "mlp").replace(".w1.", ".gate_proj.").replace(".w3.", ".up_proj.")
+               .replace(".w2.", ".down_proj."): k for k in theirs}
+    assert set(ours) == set(renamed) and any(".mlp.experts.7.down_proj.qweight" in k for k in ours)
+    assert all(torch.equal(ours[k], theirs[renamed[k]]) for k in ours)
+    records = {r["name"] for r in json.loads((tmp_path / "transformers" / "llmquant.json").read_text())["modules"]}
+    assert "model.layers.1.mlp.experts.3.up_proj" in records and "model.layers.1.mlp.gate" in records
+    with torch.no_grad():
+        a, b = (load_quantized(tmp_path / n, dtype=torch.float32, kernel="dequant", plugins=pm)(_held_out()).logits
+                for n in ("checkpoint", "transformers"))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    qwen = save_tiny_moe(tmp_path / "qwen", "qwen3_moe")
+    quantize(qwen, tmp_path / "q1", {"bits": 4, "group_size": 32}, plugins=pm)
+    quantize(qwen, tmp_path / "q2", {"bits": 4, "group_size": 32, "expert_names": "transformers"}, plugins=pm)
+    assert all((tmp_path / "q1" / f).read_bytes() == (tmp_path / "q2" / f).read_bytes() for f in ("model.safetensors",))

@@ -61,19 +61,15 @@ def gptq_moe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
     folder = tmp_path_factory.mktemp(request.param)
     source = save_tiny_moe(folder / "model", request.param)
+    # GPTQModel 7.6 and gptqmodel's defuser read Mixtral's experts only under transformers' names
+    # (mlp.experts.N.gate_proj, not the checkpoint's block_sparse_moe.experts.N.w1); Qwen's are the same either way
     quantize(source, folder / "gptq", {"algo": "gptq", "bits": 4, "group_size": 32, "calib": str(calibration_file(folder)),
-                                       "calib_samples": 16, "calib_seqlen": 64})
+                                       "calib_samples": 16, "calib_seqlen": 64, "expert_names": "transformers"})
     return folder / "gptq"
 
 
-MIXTRAL_NAMES = ("llmquant keeps Mixtral's expert names on disk (block_sparse_moe.experts.N.w1/w2/w3, what vLLM reads); "
-                 "GPTQModel 7.6 and gptqmodel's defuser load quantized Mixtral experts only as mlp.experts.N.gate_proj/...")
-
-
 @pytest.mark.parametrize("loader", ["gptqmodel", "transformers"])
-def test_the_gptq_loaders_load_every_expert(loader: str, gptq_moe: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    if gptq_moe.parent.name.startswith("mixtral"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=MIXTRAL_NAMES))
+def test_the_gptq_loaders_load_every_expert(loader: str, gptq_moe: Path, tmp_path: Path) -> None:
     result = tmp_path / "logits.pt"
     done = subprocess.run([sys.executable, "-c", LOADERS[loader], str(gptq_moe), json.dumps(IDS.tolist()), str(result)],
                           capture_output=True, text=True)
@@ -98,11 +94,18 @@ def test_transformers_loads_compressed_tensors_experts(arch: str, tmp_path: Path
     assert cosine >= 0.9999, cosine
 
 
-def test_verify_loads_gptq_experts_through_the_defuser(gptq_moe: Path, request: pytest.FixtureRequest) -> None:
-    if gptq_moe.parent.name.startswith("mixtral"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=MIXTRAL_NAMES))
+def test_verify_loads_gptq_experts_through_the_defuser(gptq_moe: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "llmquant.cli", "verify", str(gptq_moe), "--loader", "transformers", "--json"],
                           capture_output=True, text=True)  # a child process: the defuser patches transformers' classes
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     (check,) = json.loads(done.stdout)
     assert check["status"] == "ok" and "defuser" in check["message"] and check["kl_mean"] < 1e-3
+
+
+def test_verify_names_the_fix_for_mixtral_experts_under_checkpoint_names(tmp_path: Path, pm: Plugins) -> None:
+    out = tmp_path / "out"
+    quantize(save_tiny_moe(tmp_path / "model", "mixtral"), out, {"bits": 4, "group_size": 32}, plugins=pm)
+    done = subprocess.run([sys.executable, "-m", "llmquant.cli", "verify", str(out), "--loader", "transformers", "--json"],
+                          capture_output=True, text=True)
+    (check,) = json.loads(done.stdout)
+    assert check["status"] == "refused" and "--expert-names transformers" in check["message"], check
