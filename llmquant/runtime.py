@@ -22,6 +22,7 @@ from llmquant.errors import CheckpointError
 from llmquant.formats import OutputFormat
 from llmquant.host.checkpoint import Checkpoint
 from llmquant.host.moe import defused_skeleton, weight_shapes
+from llmquant.host.workers import bound_onednn_cache
 from llmquant.plugins import Plugins, get_plugin_manager
 
 __all__ = ["Int4Linear", "QuantLinear", "load_quantized"]
@@ -171,7 +172,9 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = 
     # the quantized modules' own shapes: an output of another tool has no run record (GPTQModel's MoE outputs)
     shapes = {**_linear_shapes(folder, checkpoint), **{n: (int(m.out_features), int(m.in_features)) for n, m in modules.items()}}
     model: Any
-    model, names, _ = defused_skeleton(config, keys, shapes)  # a transformers PreTrainedModel
+    model, names, experts = defused_skeleton(config, keys, shapes)  # a transformers PreTrainedModel
+    if experts:
+        bound_onednn_cache()  # routed experts see a new token count at every step
     for name, module in modules.items():
         model.set_submodule(names.model(name), module)
     state = {names.model(k): _as(checkpoint[k], dtype) for k in keys if k not in done}

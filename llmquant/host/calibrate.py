@@ -42,7 +42,7 @@ from llmquant.host.checkpoint import Checkpoint
 from llmquant.host.hessian import HessianAccumulator, accumulate_hessian
 from llmquant.host.expert_calibration import ExpertPolicy, calibrate_experts
 from llmquant.host.moe import ExpertLinears, KeyMap
-from llmquant.host.workers import Stop, Worker, release, return_freed_memory, share_malloc_arena
+from llmquant.host.workers import Stop, Worker, bound_onednn_cache, release, return_freed_memory, share_malloc_arena
 
 __all__ = ["HessianAccumulator", "SequentialCalibrator", "accumulate_hessian"]
 
@@ -104,6 +104,7 @@ class SequentialCalibrator:
         self.memory, self.mode = memory, mode
         self.single_pass = mode == "single-pass"
         share_malloc_arena()
+        bound_onednn_cache()
 
     @property
     def tokens(self) -> int:
