@@ -27,9 +27,9 @@ adds a stage to the calibrated maximum, while its experts are calibrated from th
         + [replay] N * d * b + N * k * 8          the experts' inputs (hidden states, routing) kept
         + c * 4 * (I**2 + [routed] d**2)          one chunk of c experts' Hessians (c from --moe-memory)
         + [all] 4 * d**2                          the gate/up Hessian all experts share
-        + n * (d * (b + 4) + I * (3 * b + 4))     one expert's rows, their float32 copy, its gate, up and
-                                                  intermediate, and that in float32 (n = N with all,
-                                                  n = N * k / E, the average share, with routed)
+        + n * (d * (b + 4) + I * (3 * b + 4))     one batch's rows through one expert, their float32 copy,
+                                                  its gate, up and intermediate, and that in float32 (n = T,
+                                                  the batch's tokens, with all; n = T * k / E with routed)
         + 4 * 4 * |We| + 4 * max(d, I)**2         GPTQ's working copies for one expert projection
 """
 
@@ -124,11 +124,11 @@ def predict_peak_mb(shapes: Shapes, baseline_mb: float, *, calibration_tokens: i
     in_flight = IN_FLIGHT_WIDTHS * (N if single_pass else batch_tokens) * d * b
     capture = shapes.vocab * d * b + 2 * N * d * b
     block = w * b + w * s + 2 * N * d * b + in_flight + 8 * shapes.widest_input**2 + 16 * W
-    return baseline_mb + max(capture, block, outside, _experts_stage(shapes, N, b, in_flight, single_pass, moe_calibration,
-                                                                     moe_memory)) / MB
+    return baseline_mb + max(capture, block, outside, _experts_stage(shapes, N, batch_tokens, b, in_flight, single_pass,
+                                                                     moe_calibration, moe_memory)) / MB
 
 
-def _experts_stage(shapes: Shapes, N: int, b: int, in_flight: int, single_pass: bool, policy: str, budget: int) -> int:
+def _experts_stage(shapes: Shapes, N: int, T: int, b: int, in_flight: int, single_pass: bool, policy: str, budget: int) -> int:
     """Bytes held while a mixture-of-experts block's experts are calibrated (0 for a dense model)."""
     if not shapes.experts:
         return 0
@@ -136,6 +136,6 @@ def _experts_stage(shapes: Shapes, N: int, b: int, in_flight: int, single_pass: 
     per_expert = 4 * (I**2 + (d**2 if policy == "routed" else 0))
     chunk = min(shapes.experts, max(1, budget // per_expert)) * per_expert + (4 * d**2 if policy == "all" else 0)
     kept = 0 if single_pass else N * d * b + N * shapes.top_k * 8
-    n = N if policy == "all" else N * shapes.top_k // shapes.experts  # an expert's rows: every token, or its average share
+    n = T if policy == "all" else T * shapes.top_k // shapes.experts  # one batch through an expert: every token, or its share
     rows = n * (d * (b + 4) + I * (3 * b + 4))
     return w * b + w * s + 2 * N * d * b + in_flight + kept + chunk + rows + 16 * d * I + 4 * max(d, I) ** 2

@@ -192,8 +192,8 @@ def test_moe_shapes_and_the_experts_stage_of_the_formula(tmp_path: Path) -> None
     everything = predict_peak_mb(shapes, 0, calibration_tokens=N, batch_tokens=1024, moe_calibration="all")
     assert routed > predict_peak_mb(dense, 0, calibration_tokens=N, batch_tokens=1024)
     # all: one shared d x d Hessian instead of one per expert in the chunk (all 8 fit the default budget), and
-    # every token's rows through an expert instead of its average share (k / E)
-    rows = (N - N * 2 // 8) * (d * (b + 4) + I * (3 * b + 4))
+    # every token of a batch through an expert instead of its average share (k / E)
+    rows = (1024 - 1024 * 2 // 8) * (d * (b + 4) + I * (3 * b + 4))
     assert (routed - everything) * MB == pytest.approx(8 * 4 * d**2 - 4 * d**2 - rows)
     one = predict_peak_mb(shapes, 0, calibration_tokens=N, batch_tokens=1024, moe_memory=1)  # chunks of one expert
     assert (routed - one) * MB == pytest.approx(7 * 4 * (I**2 + d**2))
