@@ -113,6 +113,7 @@ class OutputNames:
         renamed = {}
         for path in experts:
             linears = model.get_submodule(path)
+            assert isinstance(linears, ExpertLinears), f"{path} is not defused"
             for e in range(len(linears)):
                 for role, name in zip((linears.gate, linears.up, linears.down), TRANSFORMERS_ROLES):
                     renamed[keys.disk(f"{path}.{e}.{role}")] = f"{path}.{e}.{name}"
