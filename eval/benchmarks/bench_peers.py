@@ -1,12 +1,12 @@
 """llmquant against the peers on real models: perplexity, quantization time, peak memory, size, decode speed.
 
     python eval/benchmarks/bench_peers.py --model smollm2|gemma3|qwen2.5-coder-1.5b|all [--rows ROW,...]
-                                          [--memory-limit-mb 2560] [--redo] [--docs]
+                                          [--seed N] [--memory-limit-mb 2560] [--redo] [--docs]
 
 (or ``python -m eval.benchmarks.bench_peers ...`` from the repository root). Every row
 (``peers_rows.ROWS``) quantizes the same float checkpoint with the same settings (4 bits, group 64
 for SmolLM2 and 128 for the others, symmetric; GPTQ calibrated on the same token ids: 64 x 512
-tokens of Wikipedia extracts, seed 0) in a fresh process, watched from outside for wall time and
+tokens of Wikipedia extracts, seed 0, or ``--seed N``'s windows) in a fresh process, watched from outside for wall time and
 peak memory (``limits.py``), optionally inside a cgroup with a hard memory limit. Every output is
 then scored in a second fresh process: perplexity on the same WikiText-2 windows in float32 by
 one runtime for all GPTQ and compressed-tensors outputs (``llmquant.load_quantized``) and by
@@ -23,7 +23,8 @@ default ``$LLMQUANT_LLMC_PYTHON``), made once with::
 
 (the child imports this source tree through ``PYTHONPATH``; pluggy is what ``llmquant`` itself
 imports). Results are merged into ``eval/benchmarks/results/peers_<model>.json``: rows already
-there are kept unless ``--redo`` (a run can be stopped and started again), and ``--docs`` only
+there are kept unless ``--redo`` (a run can be stopped and started again); runs with another
+calibration seed go under ``seed_runs`` and the report gives each row's perplexity over seeds, and ``--docs`` only
 rebuilds the peers section of ``docs/benchmarks.md`` and the plot from the JSON files alone
 (``peers_report.py``, which every run also calls at its end).
 """
@@ -86,7 +87,7 @@ def _llmquant(args: argparse.Namespace, settings: dict[str, Any], samples: Any) 
     from llmquant.api import quantize
 
     groups = {} if settings["algo"] == "nf4" else {"group_size": args.group_size, "symmetric": True}
-    calib = {"calib": wiki_extracts(), "calib_samples": CALIB_SAMPLES, "calib_seqlen": CALIB_SEQLEN, "seed": 0} if samples is not None else {}
+    calib = {"calib": wiki_extracts(), "calib_samples": CALIB_SAMPLES, "calib_seqlen": CALIB_SEQLEN, "seed": args.seed} if samples is not None else {}
     return lambda: quantize(args.model, args.out, {**groups, **calib, **settings})
 
 
@@ -193,9 +194,14 @@ def score_row(args: argparse.Namespace) -> None:
 
 
 def child(args: argparse.Namespace, mode: str, row: str, out: Path, work: Path, model: Path, python: str) -> list[str]:
-    return [python, str(Path(__file__).resolve()), f"--{mode}", row, "--out", str(out), "--samples", str(work / "samples.pt"),
+    return [python, str(Path(__file__).resolve()), f"--{mode}", row, "--out", str(out), "--samples", str(work / samples_file(args.seed)),
             "--model-dir", str(model), "--group-size", str(args.group_size), "--threads", str(args.threads),
-            "--ppl-windows", str(args.ppl_windows), "--ppl-seqlen", str(args.ppl_seqlen), "--speed-runs", str(args.speed_runs)]
+            "--ppl-windows", str(args.ppl_windows), "--ppl-seqlen", str(args.ppl_seqlen), "--speed-runs", str(args.speed_runs),
+            "--seed", str(args.seed)]
+
+
+def samples_file(seed: int) -> str:
+    return "samples.pt" if seed == 0 else f"samples_seed{seed}.pt"
 
 
 def child_env(args: argparse.Namespace) -> dict[str, str]:
@@ -271,10 +277,10 @@ def run_model(name: str, args: argparse.Namespace) -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": {}}
     work = Path(args.work) / name
     work.mkdir(parents=True, exist_ok=True)
-    if not (work / "samples.pt").exists():
+    if not (work / samples_file(args.seed)).exists():
         tokenizer = AutoTokenizer.from_pretrained(model)
-        config = CalibrationConfig(calib=wiki_extracts(), calib_samples=CALIB_SAMPLES, calib_seqlen=CALIB_SEQLEN, seed=0)
-        torch.save(load_calibration(config, tokenizer), work / "samples.pt")
+        config = CalibrationConfig(calib=wiki_extracts(), calib_samples=CALIB_SAMPLES, calib_seqlen=CALIB_SEQLEN, seed=args.seed)
+        torch.save(load_calibration(config, tokenizer), work / samples_file(args.seed))
     shapes = shapes_of(model)
     earlier = results.get("settings", {})
     results["settings"] = {
@@ -291,14 +297,16 @@ def run_model(name: str, args: argparse.Namespace) -> None:
     results["settings"]["read_mb_s"] = earlier.get("read_mb_s") or read_speed_mb_s(model)
     results["settings"]["baseline_mb"] = baseline_mb(args)
     rows = ["fp32", *ROWS] if args.rows == "all" else args.rows.split(",")
+    # seed 0 is the table's; another seed's runs are kept apart, for the spread over calibration windows
+    table = results["rows"] if args.seed == 0 else results.setdefault("seed_runs", {}).setdefault(str(args.seed), {})
     for row in rows:
-        if args.memory_limit_mb and row == "fp32":
+        if (args.memory_limit_mb or args.seed) and row == "fp32":
             continue
-        if row in results["rows"] and not args.redo and "perplexity" in results["rows"][row] and not args.memory_limit_mb:
-            print(f"{name} {row}: kept {results['rows'][row]}", flush=True)
+        if row in table and not args.redo and "perplexity" in table[row] and not args.memory_limit_mb:
+            print(f"{name} {row}: kept {table[row]}", flush=True)
             continue
-        entry: dict[str, Any] = dict(results["rows"].get(row, {})) if not args.redo else {}
-        out = model if row == "fp32" else work / row
+        entry: dict[str, Any] = dict(table.get(row, {})) if not args.redo else {}
+        out = model if row == "fp32" else work / (row if args.seed == 0 else f"{row}-seed{args.seed}")
         python = args.llmcompressor_python if row != "fp32" and ROWS[row][0] == "llmcompressor" else sys.executable
         if not out.exists():  # timed earlier, but its output is gone (another machine, a cleaned /tmp)
             entry.pop("quantize_s", None)
@@ -319,14 +327,14 @@ def run_model(name: str, args: argparse.Namespace) -> None:
                 if not measured.ok or "quantize_s" in entry:
                     continue
             if not measured.ok:
-                results["rows"][row] = {"error": failure(measured), "wall_s": measured.seconds,
+                table[row] = {"error": failure(measured), "wall_s": measured.seconds,
                                         "sampled_peak_rss_mb": measured.peak_rss_mb}
                 save(results, results_path)
                 continue
             entry = {"wall_s": measured.seconds, "quantize_s": own["seconds"], "peak_rss_mb": own["peak_rss_mb"],
                      "sampled_peak_anon_mb": measured.peak_anon_mb, "disk_mb": disk_bytes(out) / 1e6,
                      "mb_s": results["settings"]["checkpoint_mb"] / own["seconds"], **expert_fallbacks(out)}
-            results["rows"][row] = entry
+            table[row] = entry
             save(results, results_path)
         if not args.no_score:
             entry.pop("score_error", None)  # an earlier attempt's
@@ -338,9 +346,9 @@ def run_model(name: str, args: argparse.Namespace) -> None:
             if not scored.ok:
                 entry["score_error"] = failure(scored)
                 print(scored.stderr[-3000:], file=sys.stderr)
-        results["rows"][row] = entry
+        table[row] = entry
         save(results, results_path)
-        print(f"{name} {row}: {entry}", flush=True)
+        print(f"{name} {row}{f' seed {args.seed}' if args.seed else ''}: {entry}", flush=True)
 
 
 def save(results: dict[str, Any], path: Path) -> None:
@@ -359,6 +367,7 @@ def main() -> None:
     parser.add_argument("--ppl-seqlen", type=int, default=2048)
     parser.add_argument("--speed-runs", type=int, default=3, help="decode-speed runs per row (0: perplexity only)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="calibration seed (other windows of the same text); 0 is the table's")
     parser.add_argument("--memory-limit-mb", type=float, help="run every quantization under this hard limit (cgroup v1, root)")
     parser.add_argument("--llmcompressor-python", default=os.environ.get("LLMQUANT_LLMC_PYTHON", "/work/llmc-venv/bin/python"))
     parser.add_argument("--work", default="/tmp/llmquant-bench-peers")

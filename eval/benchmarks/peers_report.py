@@ -107,6 +107,23 @@ def limit_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_table(results: dict[str, Any]) -> str:
+    """Each row run with more than one calibration seed: its perplexity's mean and spread over the seeds."""
+    runs = results.get("seed_runs", {})
+    lines = []
+    for name, row in in_matrix_order(results["rows"]):
+        by_seed = {0: row.get("perplexity")} | {int(seed): rows[name].get("perplexity") for seed, rows in runs.items() if name in rows}
+        ppl = {seed: value for seed, value in sorted(by_seed.items()) if value is not None}
+        if len(ppl) < 2:
+            continue
+        values = list(ppl.values())
+        lines.append(f"| {name} | {len(values)} | {sum(values) / len(values):.2f} | {min(values):.2f} - {max(values):.2f} | "
+                     + ", ".join(f"{seed}: {value:.2f}" for seed, value in ppl.items()) + " |")
+    if not lines:
+        return ""
+    return "\n".join(["| row | seeds | mean perplexity | min - max | by seed |", "|---|---|---|---|---|", *lines]) + "\n"
+
+
 def settings_line(results: dict[str, Any]) -> str:
     s = results["settings"]
     return (f"{s['model']}, {s['params'] / 1e9:.2f}B parameters, checkpoint {s['checkpoint_mb']:.0f} MB; {s['bits']}-bit, group "
@@ -120,6 +137,8 @@ def markdown_tables(all_results: dict[str, dict[str, Any]]) -> str:
     parts = []
     for name, results in all_results.items():
         parts.append(f"#### {name}\n\n{settings_line(results)}\n\n{markdown_table(results)}")
+        if seeds := seed_table(results):
+            parts.append(f"Perplexity over calibration seeds (other windows of the same text; `bench_peers.py --seed N`):\n\n{seeds}")
         if limits := limit_table(results):
             parts.append(f"Under a hard memory limit (a cgroup v1 memory group; killed past it):\n\n{limits}")
     return "\n".join(parts)

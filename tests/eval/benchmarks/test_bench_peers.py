@@ -133,7 +133,9 @@ def _results(model: str, params: float, gptq_s: float, peer_s: float) -> dict:
                               "sampled_peak_anon_mb": 2000.0, "cgroup_peak_mb": 2559.0},
                   "gptqmodel-gptq-w4": {"limit_mb": 2560, "finished": False, "wall_s": 9.0, "peak_rss_mb": None,
                                         "cgroup_peak_mb": 2560.0, "error": "killed by the 2560 MiB memory limit after 9 s"}}
-    return {"settings": settings, "rows": rows, "limit_runs": limit_runs}
+    seed_runs = {"1": {"gptq-w4": {"perplexity": 23.0}, "gptqmodel-gptq-w4": {"perplexity": 24.5}},
+                 "2": {"gptq-w4": {"perplexity": 22.5}}}
+    return {"settings": settings, "rows": rows, "limit_runs": limit_runs, "seed_runs": seed_runs}
 
 
 def test_docs_section_is_rebuilt_from_results_alone(tmp_path: Path) -> None:
@@ -155,6 +157,9 @@ def test_docs_section_is_rebuilt_from_results_alone(tmp_path: Path) -> None:
     assert "| llmcompressor-gptq-w4 | failed: killed by the 2560 MiB memory limit after 12 s |" in doc
     assert "| gptq-w4 | 2560 | finished | 61 | 2100 | 2000 |" in doc
     assert "| gptqmodel-gptq-w4 | 2560 | killed by the 2560 MiB memory limit after 9 s | 9 | - | - |" in doc
+    assert "| gptq-w4 | 3 | 22.50 | 22.00 - 23.00 | 0: 22.00, 1: 23.00, 2: 22.50 |" in doc  # seed 0 is the table's row
+    assert "| gptqmodel-gptq-w4 | 2 | 23.75 | 23.00 - 24.50 | 0: 23.00, 1: 24.50 |" in doc
+    assert "| gptq-w3 | " not in doc.split("Perplexity over calibration seeds")[1].split("####")[0]  # one seed: no row
     assert (results / "peers.md").read_text() in doc
     assert "![cost against model size](../eval/benchmarks/results/peers_scaling.png)" in doc  # relative to docs/
     assert (results / "peers_scaling.png").read_bytes().startswith(b"\x89PNG")
