@@ -42,6 +42,8 @@ def quantize(
     plugins = plugins or get_plugin_manager()
     settings = dict(settings or {})
     entry = plugins.algorithm(str(settings.get("algo", "rtn")))
-    config, algo_config = resolve_config(settings, entry.cls.config_type, where=where)
+    fmt = plugins.format_for(str(settings.get("format", "auto")), entry.cls.result_type, entry.name)
+    config, algo_config = resolve_config(settings, entry.cls.config_type, where=where,
+                                         format_options=getattr(fmt.cls, "options_type", None))
     source = resolve_model(model)
     return quantize_checkpoint(source, Path(output), config, algo_config, plugins, overwrite=overwrite, resume=resume)

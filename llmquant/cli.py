@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--config", help="TOML file of settings (see configs/); flags override it")
     q.add_argument("--algo", help="algorithm name (see `llmquant algorithms`; default rtn)")
     q.add_argument("--format", help="output format (see `llmquant formats`): auto (default: gptq for uniform codes, "
-                   "bitsandbytes for NF4), gptq, gptq_v2, compressed-tensors, bitsandbytes")
+                   "bitsandbytes for NF4), gptq, gptq_v2, compressed-tensors, bitsandbytes, gguf")
     q.add_argument("--bits", type=int, help="bits per weight: 2, 3, 4 or 8 (default 4)")
     q.add_argument("--group-size", type=int, help="input channels per scale (default 128)")
     q.add_argument("--per-channel", action="store_true", help="one scale per output channel instead of groups")
@@ -70,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="single-pass: one forward per block, all batches in flight (fastest); replay: one pass per "
                    "sequential group, one batch in flight; auto (default): single-pass when it fits --calib-memory")
     c.add_argument("--seed", type=int, help="seed for the order of calibration documents (default 0)")
+    g = q.add_argument_group("GGUF output (--format gguf: llama.cpp, Ollama, LM Studio)")
+    g.add_argument("--gguf-type", help="block type of the quantized Linears: auto (default: the smallest that holds the "
+                   "codes exactly), q4_0, q4_1, q5_0, q8_0, f16")
+    g.add_argument("--gguf-embedding-type", help="type of the token embedding and output head: auto (default: llama.cpp's "
+                   "choice), q4_0, q4_1, q5_0, q8_0, f16, f32")
     m = q.add_argument_group("mixture-of-experts models")
     m.add_argument("--moe-calibration", choices=["routed", "all"],
                    help="expert Hessians from the tokens routed to each expert (routed, default) or from every token "
@@ -166,7 +171,7 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             "calib", "calib_samples", "calib_seqlen", "calib_split", "calib_column", "calib_config", "calib_chat_template",
             "calib_batch_size", "calib_dtype", "calib_memory", "calib_mode", "seed", "damp_percent", "desc_act", "static_groups",
             "act_group_aware", "mse", "mse_weight", "blocksize", "double_quant", "codebook", "moe_calibration",
-            "moe_min_tokens", "moe_memory")},
+            "moe_min_tokens", "moe_memory", "gguf_type", "gguf_embedding_type")},
     }
     settings.update({k: v for k, v in flags.items() if v is not None})
     if args.per_channel:

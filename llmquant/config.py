@@ -66,6 +66,8 @@ class QuantizeConfig:
             what vLLM reads) or "transformers" (transformers' defused names, what GPTQModel and
             gptqmodel's defuser read; differs from the checkpoint's for Mixtral only).
         params: the algorithm's own fields, validated by its `config_type`.
+        format_options: the output format's own settings, validated by its ``options_type``
+            (GGUF: ``gguf_type``, ``gguf_embedding_type``).
     """
 
     algo: str = "rtn"
@@ -78,6 +80,7 @@ class QuantizeConfig:
     keep_moe_gates: bool = True
     expert_names: str = "checkpoint"
     params: Mapping[str, Any] = field(default_factory=dict)
+    format_options: Mapping[str, Any] = field(default_factory=dict)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self) -> None:
@@ -104,11 +107,12 @@ class QuantizeConfig:
             **({} if self.keep_moe_gates else {"keep_moe_gates": False}),
             **({} if self.expert_names == "checkpoint" else {"expert_names": self.expert_names}),
             **dict(self.params),
+            **dict(self.format_options),
             **dataclasses.asdict(self.calibration),
         }
 
 
-_HOST_FIELDS = {f.name for f in dataclasses.fields(QuantizeConfig)} - {"params", "overrides", "calibration"}
+_HOST_FIELDS = {f.name for f in dataclasses.fields(QuantizeConfig)} - {"params", "overrides", "calibration", "format_options"}
 _CALIBRATION_FIELDS = {f.name for f in dataclasses.fields(CalibrationConfig)}
 
 
@@ -122,18 +126,22 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError("config", str(path), f"valid TOML ({exc})") from exc
 
 
-def resolve_config(raw: Mapping[str, Any], algorithm_config: type[Any], *, where: str = "config") -> tuple[QuantizeConfig, Any]:
+def resolve_config(raw: Mapping[str, Any], algorithm_config: type[Any], *, where: str = "config",
+                   format_options: type[Any] | None = None) -> tuple[QuantizeConfig, Any]:
     """Split flat settings into the host config and the algorithm's config instance.
 
     Args:
         raw: flat keys from a TOML file and flags; ``overrides`` is a list of tables.
         algorithm_config: the chosen algorithm's `config_type`.
         where: what to name in errors (the file, or "flags").
+        format_options: the chosen format's ``options_type``, if it has settings of its own.
 
     Returns:
         (QuantizeConfig, algorithm config built from the non-host keys).
     """
     algo_fields = {f.name for f in dataclasses.fields(algorithm_config)}
+    format_fields = {f.name for f in dataclasses.fields(format_options)} if format_options else set()
+    options: dict[str, Any] = {}
     host: dict[str, Any] = {}
     params: dict[str, Any] = {}
     calibration: dict[str, Any] = {}
@@ -144,13 +152,18 @@ def resolve_config(raw: Mapping[str, Any], algorithm_config: type[Any], *, where
             calibration[key] = value
         elif key in algo_fields:
             params[key] = value
+        elif key in format_fields:
+            options[key] = value
         elif key != "overrides":
-            valid = sorted(_HOST_FIELDS | _CALIBRATION_FIELDS | algo_fields | {"overrides"})
+            valid = sorted(_HOST_FIELDS | _CALIBRATION_FIELDS | algo_fields | format_fields | {"overrides"})
             raise ConfigError(key, value, f"a known key; valid keys are {', '.join(valid)}", where=where)
     checked_host = build_dataclass(QuantizeConfig, host, where=where, construct=False)
     algorithm = build_dataclass(algorithm_config, params, where=where)
     overrides = tuple(_override(entry, algorithm, algo_fields, where, i) for i, entry in enumerate(raw.get("overrides", ())))
+    if format_options is not None:
+        options = dataclasses.asdict(build_dataclass(format_options, options, where=where))
     config = build_dataclass(QuantizeConfig, {**checked_host, "overrides": overrides, "params": dataclasses.asdict(algorithm),
+                                              "format_options": options,
                                               "calibration": build_dataclass(CalibrationConfig, calibration, where=where)}, where=where)
     return config, algorithm
 

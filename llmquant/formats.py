@@ -85,6 +85,16 @@ class OutputFormat(Protocol):
 
     The host creates one instance per run and calls, in order: `check_module` for every Linear
     before any work, `tensors` once per quantized Linear, `quantization_config` once at the end.
+
+    Optional, for a format with settings or files of its own (GGUF has both):
+        options_type: a frozen dataclass of the format's settings (flat keys in TOML and the
+            API, e.g. ``gguf_type``); the host validates them and builds the format as
+            ``cls(options_type(**values))``.
+        finish(folder, records): called once the temporary output folder holds the shards,
+            config.json and tokenizer; turns them into the format's own files (``model.gguf``).
+        open(folder): its files read back as a ``Mapping[str, Tensor]`` under the checkpoint's
+            names, the Linears as the tensors `read` takes (llmquant's runtime uses it instead
+            of the safetensors shards).
     """
 
     name: ClassVar[str]

@@ -152,7 +152,8 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = 
     dtype = dtype or _config_dtype(raw)
     use_kernel = kernel == "int4" or (kernel == "auto" and dtype in (torch.bfloat16, torch.float16))
     config.dtype = dtype
-    checkpoint = Checkpoint(folder)
+    opener = getattr(fmt, "open", None)  # a format with its own file (GGUF) reads it back under the checkpoint's names
+    checkpoint: Any = opener(folder) if opener is not None else Checkpoint(folder)
     keys = sorted(checkpoint)
     quantized = sorted({m for m in map(fmt.quantized_module, keys) if m is not None})
     modules: dict[str, QuantLinear | Int4Linear] = {}

@@ -144,7 +144,8 @@ def quantize_checkpoint(
     start = time.perf_counter()
     entry = plugins.algorithm(config.algo)
     fmt_entry = plugins.format_for(config.format, entry.cls.result_type, config.algo)
-    fmt = fmt_entry.cls()
+    options_type = getattr(fmt_entry.cls, "options_type", None)
+    fmt = fmt_entry.cls(options_type(**config.format_options)) if options_type else fmt_entry.cls()  # type: ignore[call-arg]
     config = dataclasses.replace(config, format=fmt.name)
     if config.dtype == "auto" and (imported := imported_float_dtype(source)) is not None:
         config = dataclasses.replace(config, dtype=imported)  # a GGUF import's float32 is not a dtype to ship
@@ -196,6 +197,9 @@ def quantize_checkpoint(
         }
         # every record, the router's too: vLLM builds routers as Linear layers and must be told to leave them in float
         folder.write_metadata(records, fmt.quantization_config(records, dict(algo_config.__dict__), dtype), config, provenance)
+        finish = getattr(fmt, "finish", None)
+        if finish is not None:  # a format whose files are not the shards (GGUF) converts the finished folder
+            finish(tmp, records)
     report = QuantizeReport(output, source, fmt.name, records, checkpoint.total_bytes, folder.size(), time.perf_counter() - start)
     log.info("quantized %d weight matrices into %s in %.1f s", report.quantized, output, report.seconds)
     warn_float_share(report)

@@ -1,0 +1,282 @@
+"""A Hugging Face folder of llmquant tensors -> one GGUF file llama.cpp and Ollama load.
+
+The host writes its usual shards first; quantized Linears are there already as GGUF block rows,
+under ``{module}.gguf.{type}`` (uint8, ``(out, row bytes)``; `llmquant.io.gguf_blocks`). This
+module streams those shards, one tensor at a time, into ``model.gguf`` with llama.cpp's names,
+hyperparameters and tokenizer, as llama.cpp's ``convert_hf_to_gguf.py`` would write them:
+
+- names through gguf-py's tensor map (``model.layers.0.self_attn.q_proj`` -> ``blk.0.attn_q``);
+- Llama's q/k rows permuted into llama.cpp's rope order (rows, so the blocks move whole);
+- norms, biases and other 1-D tensors in F32; float 2-D tensors (a Linear kept in float) in F16;
+  the embedding and output head in their own type (llama.cpp's choice by default);
+- the BPE vocabulary padded to the embedding's rows, ``tokenizer.ggml.pre`` identified by the
+  same token-hash check llama.cpp uses, merges, special ids and the chat template.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from llmquant.errors import CheckpointError
+from llmquant.io.gguf_blocks import BLOCK, LOSSLESS
+
+__all__ = ["ARCHITECTURES", "QUANTIZED_MARK", "float_type", "gguf_tensor_name", "write_gguf"]
+
+log = logging.getLogger(__name__)
+
+QUANTIZED_MARK = ".gguf."  # {module}.gguf.{type}: a Linear's block rows in the host's shards
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one transformers ``model_type`` maps onto a llama.cpp architecture."""
+
+    gguf_arch: str  # gguf.MODEL_ARCH member name
+    permute_qk: bool  # Llama: q/k rows into llama.cpp's rope order
+
+
+ARCHITECTURES = {
+    "llama": Architecture("LLAMA", permute_qk=True),
+    "mistral": Architecture("LLAMA", permute_qk=True),
+    "qwen2": Architecture("QWEN2", permute_qk=False),
+}
+
+# llama.cpp's pre-tokenizer check: the token ids of this text, hashed, name the pre-tokenizer
+# (convert_hf_to_gguf.py, get_vocab_base_pre; the hashes are llama.cpp's for these tokenizers).
+PRE_TOKENIZER_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 "
+    "3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на "
+    "Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, "
+    "'D you like some tea? We'Ve a'lL"
+)
+PRE_TOKENIZERS = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
+}
+
+
+def architecture_of(config: dict[str, Any]) -> Architecture:
+    model_type = config.get("model_type", "?")
+    if model_type not in ARCHITECTURES:
+        raise CheckpointError(f"GGUF output supports {', '.join(sorted(ARCHITECTURES))} models, not {model_type!r}; "
+                              "write gptq or compressed-tensors instead")
+    return ARCHITECTURES[model_type]
+
+
+def gguf_tensor_name(key: str, n_blocks: int, arch: Architecture) -> str:
+    """Return llama.cpp's name for the checkpoint tensor `key` (``model.norm.weight`` -> ``output_norm.weight``)."""
+    import gguf
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch], n_blocks)
+    name = name_map.get_name(key, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise CheckpointError(f"{key}: no llama.cpp tensor name for it in the {arch.gguf_arch.lower()} architecture")
+    return name
+
+
+def float_type(name: str, shape: tuple[int, ...], tied: bool, base: str) -> str:
+    """llama.cpp's type for a float tensor: the output head (or a tied embedding) Q6_K, or Q8_0 when its rows
+    do not fill 256-element super-blocks; an untied embedding the base type; other 2-D tensors F16; 1-D F32."""
+    if len(shape) < 2:
+        return "f32"
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        return "q8_0" if shape[-1] % 256 else "q6_k"
+    if name == "token_embd.weight":
+        return base if base in LOSSLESS else "q8_0"
+    return "f16"
+
+
+def _permute_rows(rows: Tensor, heads: int) -> Tensor:
+    """llama.cpp's rope order: within each head, interleave the rows of its two halves."""
+    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
+def _encode_float(tensor: Tensor, kind: str) -> tuple[np.ndarray[Any, Any], int]:
+    """Return (array to write, ggml type id) for a float tensor stored as `kind` (f32, f16 or a block type)."""
+    import gguf
+
+    data = tensor.float().numpy()
+    if kind == "f32":
+        return data, int(gguf.GGMLQuantizationType.F32)
+    if kind == "f16":
+        return data.astype(np.float16), int(gguf.GGMLQuantizationType.F16)
+    qtype = gguf.GGMLQuantizationType[kind.upper()]
+    try:
+        return gguf.quants.quantize(data, qtype), int(qtype)
+    except NotImplementedError:
+        raise CheckpointError(f"float tensors cannot be written as {kind.upper()} yet; choose q8_0 or f16") from None
+
+
+def _byte_size(shape: tuple[int, ...], kind: str) -> int:
+    import gguf
+
+    elements = int(np.prod(shape))
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind.upper()]]
+    return elements // block * size
+
+
+class _Shards:
+    """The host's output shards, read one tensor at a time, in the order they were written."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        self.files = sorted(folder.glob("*.safetensors"))
+        self.handles = [safe_open(str(f), framework="pt") for f in self.files]
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        for handle in self.handles:
+            for key in handle.keys():  # type: ignore[no-untyped-call]
+                yield key, handle
+
+    def shape(self, key: str, handle: Any) -> tuple[int, ...]:
+        return tuple(handle.get_slice(key).get_shape())
+
+
+def write_gguf(folder: Path, target: Path, *, embedding_type: str, base_type: str, file_type: int, name: str) -> None:
+    """Write `folder`'s shards, config and tokenizer as the GGUF file `target`, one tensor at a time.
+
+    Args:
+        embedding_type: the embedding's and output head's type, or "auto" for llama.cpp's choice.
+        base_type: the run's block type, for the file type and an untied embedding under "auto".
+        file_type: ``general.file_type`` (a ``gguf.LlamaFileType`` value).
+        name: ``general.name``.
+    """
+    import gguf
+
+    config = json.loads((folder / "config.json").read_text())
+    arch = architecture_of(config)
+    n_blocks = int(config["num_hidden_layers"])
+    tied = bool(config.get("tie_word_embeddings", False))
+    writer = gguf.GGUFWriter(str(target), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]])
+    writer.add_type("model")
+    writer.add_name(name)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_hyperparameters(writer, config)
+    _add_tokenizer(writer, folder, int(config["vocab_size"]))
+
+    shards = _Shards(folder)
+    plan = []  # (key, handle, gguf name, kind, quantized)
+    for key, handle in shards:
+        module, mark, kind = key.partition(QUANTIZED_MARK)
+        quantized = bool(mark)
+        gname = gguf_tensor_name(module + ".weight" if quantized else key, n_blocks, arch)
+        shape = shards.shape(key, handle)
+        if not quantized:
+            kind = float_type(gname, shape, tied, base_type)
+            if embedding_type != "auto" and gname in ("token_embd.weight", "output.weight"):
+                kind = embedding_type
+        plan.append((key, handle, gname, kind, quantized, shape))
+        if quantized:
+            writer.add_tensor_info(gname, shape, np.dtype(np.uint8), int(np.prod(shape)),
+                                   raw_dtype=gguf.GGMLQuantizationType(LOSSLESS[kind].ggml_type))
+        else:
+            nbytes = int(np.prod(shape)) * {"f32": 4, "f16": 2}[kind] if kind in ("f32", "f16") else _byte_size(shape, kind)
+            dtype = {"f32": np.float32, "f16": np.float16}.get(kind, np.uint8)
+            raw = None if kind in ("f32", "f16") else gguf.GGMLQuantizationType[kind.upper()]
+            writer.add_tensor_info(gname, _byte_shape(shape, kind) if raw is not None else shape, np.dtype(dtype), nbytes,
+                                   raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    heads = {"attn_q": int(config["num_attention_heads"]),
+             "attn_k": int(config.get("num_key_value_heads") or config["num_attention_heads"])}
+    for key, handle, gname, kind, quantized, _ in plan:
+        tensor = handle.get_tensor(key)
+        role = gname.split(".")[-2]
+        if arch.permute_qk and role in heads and gname.endswith(".weight"):
+            tensor = _permute_rows(tensor, heads[role])
+        data = tensor.contiguous().numpy() if quantized else _encode_float(tensor, kind)[0]
+        writer.write_tensor_data(data)
+    writer.close()
+
+
+def _byte_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+    import gguf
+
+    return tuple(gguf.quant_shape_to_byte_shape(shape, gguf.GGMLQuantizationType[kind.upper()]))
+
+
+def _add_hyperparameters(writer: Any, config: dict[str, Any]) -> None:
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    rope = config.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    if rope.get("rope_type", "default") != "default" or config.get("rope_scaling"):
+        raise CheckpointError(f"rope scaling {rope or config.get('rope_scaling')} is not written to GGUF yet; "
+                              "write gptq or compressed-tensors for this model")
+    writer.add_block_count(int(config["num_hidden_layers"]))
+    writer.add_context_length(int(config["max_position_embeddings"]))
+    writer.add_embedding_length(int(config["hidden_size"]))
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
+    writer.add_rope_freq_base(float(theta))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_vocab_size(int(config["vocab_size"]))
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != int(config["hidden_size"]) // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
+def _add_tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
+    """The BPE vocabulary as llama.cpp's converter writes it (``gpt2`` model, tokens padded to the embedding)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vocab = tokenizer.get_vocab()
+    reverse = {i: token for token, i in vocab.items()}
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        token = reverse[i]
+        if token in added:
+            special = decoder[i].special or _looks_special(token)
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        tokens.append(token)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer(tokenizer))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    vocab_specials = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+    # what the tokenizer does, not what its config may leave unsaid (SmolLM2 and Qwen2 add no BOS)
+    bos = tokenizer.bos_token_id
+    vocab_specials.add_special_token["bos"] = bos is not None and tokenizer("a").input_ids[:1] == [bos]
+    vocab_specials.add_to_gguf(writer)
+
+
+def _looks_special(token: str) -> bool:
+    return token in ("<pad>", "<mask>") or (token.startswith("<|") and token.endswith("|>")) or \
+        (token.startswith("<unused") and token.endswith(">"))
+
+
+def _pre_tokenizer(tokenizer: Any) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer, from the hash of its ids for a fixed text."""
+    digest = hashlib.sha256(str(tokenizer.encode(PRE_TOKENIZER_TEXT)).encode()).hexdigest()
+    if digest not in PRE_TOKENIZERS:
+        log.warning("the tokenizer's pre-tokenizer (hash %s) is not one llama.cpp knows by name here: wrote "
+                    "tokenizer.ggml.pre = default, and llama.cpp may split text differently from transformers", digest[:12])
+        return "default"
+    return PRE_TOKENIZERS[digest]

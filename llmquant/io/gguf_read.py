@@ -1,0 +1,86 @@
+"""llmquant's ``model.gguf`` read back under the checkpoint's names, for `llmquant.load_quantized`.
+
+The inverse of `llmquant.io.gguf_model`: llama.cpp names -> the model's own (found by mapping the
+model's state-dict keys forward), Llama's q/k rows back out of rope order, block types that
+llmquant writes as ``{module}.gguf.{type}`` rows (decoded by the GGUF format), and every other
+tensor as float (other block types dequantized by gguf-py). Tensors are memory-mapped and read
+on access.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from llmquant.errors import CheckpointError
+from llmquant.io.gguf_blocks import LOSSLESS
+from llmquant.io.gguf_model import QUANTIZED_MARK, architecture_of, gguf_tensor_name
+
+__all__ = ["GGUFTensors"]
+
+
+class GGUFTensors(Mapping[str, Tensor]):
+    """Every tensor of `path` (a GGUF file llmquant wrote beside its ``config.json``) by checkpoint name."""
+
+    def __init__(self, path: Path) -> None:
+        import gguf
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = json.loads((path.parent / "config.json").read_text())
+        arch = architecture_of(config)
+        n_blocks = int(config["num_hidden_layers"])
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path.parent))  # type: ignore[no-untyped-call]
+        names = {}
+        for key in skeleton.state_dict():
+            try:
+                names[gguf_tensor_name(key, n_blocks, arch)] = key
+            except CheckpointError:
+                continue
+        self.reader = gguf.GGUFReader(str(path))
+        self.heads = {"attn_q": int(config["num_attention_heads"]),
+                      "attn_k": int(config.get("num_key_value_heads") or config["num_attention_heads"])}
+        self.permute = arch.permute_qk
+        self.tensors: dict[str, Any] = {}
+        for tensor in self.reader.tensors:
+            if tensor.name not in names:
+                raise CheckpointError(f"{path}: tensor {tensor.name} has no place in a {config.get('model_type')} model")
+            key = names[tensor.name]
+            kind = tensor.tensor_type.name.lower()
+            if kind in LOSSLESS and key.endswith(".weight") and len(tensor.shape) == 2 and "embed" not in key:
+                key = f"{key.removesuffix('.weight')}{QUANTIZED_MARK}{kind}"
+            self.tensors[key] = tensor
+
+    def __getitem__(self, key: str) -> Tensor:
+        import gguf
+
+        tensor = self.tensors[key]
+        kind = tensor.tensor_type
+        data = np.asarray(tensor.data)
+        if QUANTIZED_MARK in key:
+            out = torch.from_numpy(data.copy()).reshape(int(tensor.shape[-1]), -1)
+        elif kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            out = torch.from_numpy(data.astype(np.float32))
+        else:
+            out = torch.from_numpy(gguf.quants.dequantize(data, kind).astype(np.float32))
+        role = tensor.name.split(".")[-2]
+        if self.permute and role in self.heads and tensor.name.endswith(".weight"):
+            out = _unpermute_rows(out, self.heads[role])
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+def _unpermute_rows(rows: Tensor, heads: int) -> Tensor:
+    """Undo llama.cpp's rope order (`llmquant.io.gguf_model`'s row permutation)."""
+    return rows.reshape(heads, rows.shape[0] // heads // 2, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
