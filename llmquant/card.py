@@ -37,12 +37,18 @@ _LOADERS = {
 
 def next_commands(output: str, baseline: str, fmt: str) -> dict[str, str]:
     """Return the commands that evaluate, verify and serve an output folder, by purpose."""
-    serve = "vllm serve" if fmt in ("gptq", "compressed-tensors", "bitsandbytes") else "# no vLLM support for this format:"
+    if fmt == "gguf":
+        folder = output.rstrip("/")
+        serve = f"llama-server -m {folder}/model.gguf   # Ollama: ollama create NAME -f {folder}/Modelfile"
+    elif fmt in ("gptq", "compressed-tensors", "bitsandbytes"):
+        serve = f"vllm serve {output}" + ("  # vLLM's CUDA build" if fmt == "bitsandbytes" else "")
+    else:
+        serve = f"# no vLLM support for this format: {output}"
     return {
         "eval": f"llmquant eval {output} --baseline {baseline} --ppl wikitext --ppl-config wikitext-2-raw-v1 --speed "
                 f"-o {output.rstrip('/')}-eval.json --update-card",
         "verify": f"llmquant verify {output}",
-        "serve": f"{serve} {output}" + ("  # vLLM's CUDA build" if fmt == "bitsandbytes" else ""),
+        "serve": serve,
     }
 
 

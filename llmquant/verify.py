@@ -161,6 +161,8 @@ def _transformers(path: Path, prompts: list[list[int]], dtype: torch.dtype) -> t
         defuser = require("defuser", extra="loaders", purpose="loading quantized mixture-of-experts checkpoints in transformers")
         defuser.replace_fused_blocks(config["model_type"])
         note = "experts defused with gptqmodel's defuser"
+    if quant.get("quant_method") == "gguf":  # transformers' GGUF loader dequantizes the file to float
+        kwargs["gguf_file"] = quant.get("gguf_file", "model.gguf")
     model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu", **kwargs)
     return _score(model.eval(), prompts), note
 

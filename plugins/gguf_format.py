@@ -23,7 +23,7 @@ from llmquant.algorithm import UniformQuantized
 from llmquant.errors import ConfigError, ShapeError
 from llmquant.formats import ModuleRecord, OutputFormat, quantizer_name
 from llmquant.io.gguf_blocks import BLOCK, LOSSLESS, decode_blocks, encode_blocks, fitting_types, uniform_fit
-from llmquant.io.gguf_model import QUANTIZED_MARK, write_gguf
+from llmquant.io.gguf_model import QUANTIZED_MARK, check_convertible, write_gguf
 from llmquant.io.gguf_read import GGUFTensors
 
 __all__ = ["GGUFFormat", "GGUFOptions"]
@@ -68,6 +68,10 @@ class GGUFFormat:
 
     def __init__(self, options: GGUFOptions | None = None) -> None:
         self.options = options or GGUFOptions()
+
+    def check_model(self, folder: Path) -> None:
+        """Refuse, before any work, a model whose architecture, rope or tokenizer GGUF output does not cover."""
+        check_convertible(folder)
 
     def check_module(self, name: str, shape: tuple[int, int], config: Any) -> None:
         """Refuse, before any work, a Linear whose result could not be written as the chosen type."""

@@ -25,7 +25,8 @@ def pm() -> Plugins:
     return plugins
 
 
-BUILTIN_PLUGINS = ("rtn", "gptq", "nf4", "groupwise_int4", "gptq_format", "compressed_tensors_format", "bitsandbytes_format")
+BUILTIN_PLUGINS = ("rtn", "gptq", "nf4", "groupwise_int4", "gptq_format", "compressed_tensors_format", "bitsandbytes_format",
+                   "gguf_format")
 
 
 ARCHS: dict[str, tuple[str, dict[str, Any]]] = {

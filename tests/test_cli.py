@@ -40,9 +40,9 @@ def test_param_flag_and_per_channel(tiny_llama: Path, tmp_path: Path) -> None:
     (["--algo", "nope"], "unknown algorithm 'nope': installed algorithms are gptq, groupwise-int4, nf4, rtn"),
     (["--bits", "5"], "flags: bits: expected one of 2, 3, 4, 8, got 5"),
     (["--group-size", "96"], "not a multiple of group_size 96"),
-    (["--format", "exl9"], "unknown format 'exl9': available formats are bitsandbytes, compressed-tensors, gptq, gptq_v2"),
+    (["--format", "exl9"], "unknown format 'exl9': available formats are bitsandbytes, compressed-tensors, gguf, gptq, gptq_v2"),
     (["--algo", "nf4", "--format", "gptq"], "format 'gptq' cannot store CodebookQuantized results of algorithm 'nf4'; use one of: bitsandbytes"),
-    (["--algo", "rtn", "--format", "bitsandbytes"], "use one of: compressed-tensors, gptq, gptq_v2"),
+    (["--algo", "rtn", "--format", "bitsandbytes"], "use one of: compressed-tensors, gguf, gptq, gptq_v2"),
     (["--format", "compressed-tensors", "--bits", "3"], "compressed-tensors pack-quantized stores 2, 4, 8-bit integers, not 3-bit"),
     (["--param", "dampening=0.1"], "dampening: expected a known key"),
 ], ids=["algo", "bits", "group", "format", "codebook-to-gptq", "uniform-to-bnb", "ct-3bit", "param"])

@@ -157,6 +157,8 @@ def quantize_checkpoint(
             f"a folder of them, or a datasets name), e.g. --calib wiki.txt --calib-samples 128 --calib-seqlen 512"
         )
     checkpoint = Checkpoint(source)
+    if (check_model := getattr(fmt, "check_model", None)) is not None:
+        check_model(source)
     model_config = AutoConfig.from_pretrained(source)
     dtype = output_dtype(json.loads((source / "config.json").read_text()), config.dtype)
     skeleton, keys, moe = defused_skeleton(model_config, checkpoint.infos, weight_shapes(checkpoint.infos))

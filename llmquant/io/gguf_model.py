@@ -30,7 +30,7 @@ from torch import Tensor
 from llmquant.errors import CheckpointError
 from llmquant.io.gguf_blocks import BLOCK, LOSSLESS
 
-__all__ = ["ARCHITECTURES", "QUANTIZED_MARK", "float_type", "gguf_tensor_name", "write_gguf"]
+__all__ = ["ARCHITECTURES", "QUANTIZED_MARK", "check_convertible", "float_type", "gguf_tensor_name", "write_gguf"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,28 @@ def architecture_of(config: dict[str, Any]) -> Architecture:
         raise CheckpointError(f"GGUF output supports {', '.join(sorted(ARCHITECTURES))} models, not {model_type!r}; "
                               "write gptq or compressed-tensors instead")
     return ARCHITECTURES[model_type]
+
+
+def check_convertible(folder: Path) -> None:
+    """Raise CheckpointError, before any work, when the model in `folder` cannot be written as GGUF here."""
+    config = json.loads((folder / "config.json").read_text())
+    architecture_of(config)
+    _rope_theta(config)
+    tokenizer = folder / "tokenizer.json"
+    model = json.loads(tokenizer.read_text()).get("model", {}) if tokenizer.exists() else {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        kind = "no tokenizer.json" if not model else f"a {model.get('type')} tokenizer" + \
+            (" with byte fallback (SentencePiece-style)" if model.get("byte_fallback") else "")
+        raise CheckpointError(f"{folder}: GGUF output writes byte-level BPE tokenizers (GPT-2 style) only, and this model has "
+                              f"{kind}; write gptq or compressed-tensors instead")
+
+
+def _rope_theta(config: dict[str, Any]) -> float:
+    rope = config.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default" or config.get("rope_scaling"):
+        raise CheckpointError(f"rope scaling {rope or config.get('rope_scaling')} is not written to GGUF yet; "
+                              "write gptq or compressed-tensors for this model")
+    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
 def gguf_tensor_name(key: str, n_blocks: int, arch: Architecture) -> str:
@@ -213,18 +235,14 @@ def _byte_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
 def _add_hyperparameters(writer: Any, config: dict[str, Any]) -> None:
     heads = int(config["num_attention_heads"])
     head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
-    rope = config.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-    if rope.get("rope_type", "default") != "default" or config.get("rope_scaling"):
-        raise CheckpointError(f"rope scaling {rope or config.get('rope_scaling')} is not written to GGUF yet; "
-                              "write gptq or compressed-tensors for this model")
+    theta = _rope_theta(config)
     writer.add_block_count(int(config["num_hidden_layers"]))
     writer.add_context_length(int(config["max_position_embeddings"]))
     writer.add_embedding_length(int(config["hidden_size"]))
     writer.add_feed_forward_length(int(config["intermediate_size"]))
     writer.add_head_count(heads)
     writer.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
-    writer.add_rope_freq_base(float(theta))
+    writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     writer.add_vocab_size(int(config["vocab_size"]))
     writer.add_rope_dimension_count(head_dim)

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llmquant.algorithm import UniformQuantized
+from llmquant.errors import ShapeError
+from llmquant.io.gguf_blocks import LOSSLESS, decode_blocks, encode_blocks, fitting_types, uniform_fit
+from llmquant.uniform import minmax_quantize
+
+gguf = pytest.importorskip("gguf")
+
+
+def _block(codes: list[int], zero: int, bits: int, scale: float = 0.5, symmetric: bool = True) -> UniformQuantized:
+    """One row of one 32-element group."""
+    return UniformQuantized(codes=torch.tensor([codes], dtype=torch.uint8), scales=torch.tensor([[scale]]),
+                            zeros=torch.tensor([[zero]], dtype=torch.int32), g_idx=torch.zeros(32, dtype=torch.int32),
+                            bits=bits, group_size=32, symmetric=symmetric)
+
+
+def test_golden_bytes_q4_0() -> None:
+    # codes j % 16 with zero 8: q = code; byte j holds q[j] low, q[j + 16] high; d = 0.5 is float16 0x3800
+    rows = encode_blocks(_block([j % 16 for j in range(32)], 8, 4), LOSSLESS["q4_0"])
+    assert bytes(rows[0].tolist()) == b"\x00\x38" + bytes(j | j << 4 for j in range(16))
+
+
+def test_golden_bytes_q4_1() -> None:
+    # asymmetric zero 3, scale 0.5: m = -1.5 (float16 0xBE00), q = the codes themselves
+    rows = encode_blocks(_block([j % 16 for j in range(32)], 3, 4, symmetric=False), LOSSLESS["q4_1"])
+    assert bytes(rows[0].tolist()) == b"\x00\x38\x00\xbe" + bytes(j | j << 4 for j in range(16))
+
+
+def test_golden_bytes_q5_0() -> None:
+    # q = code - 3 + 16 = j % 16 + 13: the fifth bit is set where j % 16 >= 3, bit j of a little-endian uint32
+    rows = encode_blocks(_block([j % 16 for j in range(32)], 3, 4, symmetric=False), LOSSLESS["q5_0"])
+    low = [(j + 13) & 0xF for j in range(16)]
+    assert bytes(rows[0].tolist()) == b"\x00\x38" + (0xFFF8FFF8).to_bytes(4, "little") + bytes(v | v << 4 for v in low)
+
+
+def test_golden_bytes_q8_0() -> None:
+    # symmetric 8-bit, zero 128: q = code - 128 as int8
+    rows = encode_blocks(_block([128 + j - 16 for j in range(32)], 128, 8), LOSSLESS["q8_0"])
+    assert bytes(rows[0].tolist()) == b"\x00\x38" + bytes((j - 16) & 0xFF for j in range(32))
+
+
+@pytest.mark.parametrize("name", sorted(LOSSLESS))
+@pytest.mark.parametrize("group_size", [32, 64, None])
+def test_gguf_py_dequantizes_our_blocks_to_llmquants_own_weights(name: str, group_size: int | None) -> None:
+    torch.manual_seed(0)
+    W = torch.randn(16, 256)
+    for bits in (2, 3, 4, 5, 8):
+        for symmetric in (True, False):
+            if not uniform_fit(LOSSLESS[name], bits, symmetric):
+                continue
+            result = minmax_quantize(W, bits, group_size, symmetric)
+            rows = encode_blocks(result, LOSSLESS[name])
+            theirs = gguf.quants.dequantize(rows.numpy(), gguf.GGMLQuantizationType(LOSSLESS[name].ggml_type))
+            exact = not (name == "q4_1" and not symmetric)  # Q4_1's m = -s * z is rounded to float16
+            ours = result.dequantize().numpy()
+            if exact:
+                assert np.array_equal(theirs, ours), (name, bits, symmetric)
+            else:
+                assert np.abs(theirs - ours).max() <= 0.01 * result.scales.max().item()
+            back = decode_blocks(rows, LOSSLESS[name], 256).dequantize().numpy()
+            assert np.array_equal(back, ours)  # read back, the codes are llmquant's own (Q4_1 too: z = round(-m / d))
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q5_0", "q8_0"])
+def test_llama_cpps_own_blocks_decode_and_encode_to_the_same_bytes(name: str) -> None:
+    qtype = gguf.GGMLQuantizationType(LOSSLESS[name].ggml_type)
+    rows = gguf.quants.quantize(np.random.default_rng(0).standard_normal((8, 128)).astype(np.float32), qtype)
+    result = decode_blocks(torch.from_numpy(rows), LOSSLESS[name], 128)
+    assert np.array_equal(encode_blocks(result, LOSSLESS[name]).numpy(), rows)
+
+
+def test_the_types_that_hold_each_width() -> None:
+    assert fitting_types(4, True) == ["q4_0", "q4_1", "q5_0", "q8_0"]
+    assert fitting_types(4, False) == ["q4_1", "q5_0", "q8_0"]
+    assert fitting_types(3, False) == ["q4_0", "q4_1", "q5_0", "q8_0"]
+    assert fitting_types(8, True) == ["q8_0"]
+    assert fitting_types(8, False) == []
+
+
+def test_what_does_not_fit_is_refused() -> None:
+    result = minmax_quantize(torch.randn(4, 64), 4, 32, False)
+    with pytest.raises(ValueError, match="outside Q4_0's range"):
+        encode_blocks(result, LOSSLESS["q4_0"])
+    scattered = UniformQuantized(codes=result.codes, scales=result.scales, zeros=result.zeros,
+                                 g_idx=torch.arange(64, dtype=torch.int32) % 2, bits=4, group_size=32, symmetric=False)
+    with pytest.raises(ShapeError, match="act-order"):
+        encode_blocks(scattered, LOSSLESS["q5_0"])
+    with pytest.raises(ShapeError, match="multiple of 32"):
+        encode_blocks(minmax_quantize(torch.randn(4, 48), 4, 16, True), LOSSLESS["q4_0"])

@@ -1,0 +1,183 @@
+"""The GGUF format on tiny random Llamas: what the file holds, that its Linears are llmquant's own
+results bit for bit, that transformers' GGUF loader reproduces llmquant's logits, and what is
+refused before any work."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import save_tiny_model
+from llmquant.api import quantize
+from llmquant.errors import CheckpointError, ConfigError
+from llmquant.plugins import Plugins
+from llmquant.runtime import load_quantized
+
+gguf = pytest.importorskip("gguf")
+
+LINEARS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def save_tiny_bpe_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer (GPT-2 style, what GGUF's ``gpt2`` model holds) trained offline on a few words."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"word{i} thing{i % 7} the cat sat on the mat {i}" for i in range(300)]
+    backend = ByteLevelBPETokenizer()
+    backend.train_from_iterator(words, vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend._tokenizer, bos_token="<|endoftext|>", eos_token="<|im_end|>")
+    tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def llama_bpe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = save_tiny_model(tmp_path_factory.mktemp("llama_bpe") / "m", vocab=512)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    save_tiny_bpe_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def q4_0(llama_bpe: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("gguf") / "q4_0"
+    quantize(llama_bpe, out, {"format": "gguf", "gguf_type": "q4_0", "group_size": 32})
+    return out
+
+
+def test_the_folder_holds_model_gguf_its_record_and_a_modelfile(q4_0: Path) -> None:
+    files = sorted(p.name for p in q4_0.iterdir())
+    assert "model.gguf" in files and "Modelfile" in files and "llmquant.json" in files and "tokenizer.json" in files
+    assert not [f for f in files if f.endswith(".safetensors") or f.endswith(".index.json")]
+    modelfile = (q4_0 / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model.gguf\nTEMPLATE \"\"\"") and 'PARAMETER stop "<|im_end|>"' in modelfile
+    quant = json.loads((q4_0 / "config.json").read_text())["quantization_config"]
+    assert (quant["quant_method"], quant["gguf_file"], quant["gguf_type"]) == ("gguf", "model.gguf", "q4_0")
+
+
+def test_tensors_metadata_and_tokenizer_are_llama_cpps(q4_0: Path, llama_bpe: Path) -> None:
+    from transformers import AutoTokenizer
+
+    reader = gguf.GGUFReader(str(q4_0 / "model.gguf"))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    for block in range(2):
+        assert all(types[f"blk.{block}.{name}.weight"] == "Q4_0" for name in LINEARS.values())
+        assert types[f"blk.{block}.attn_norm.weight"] == types[f"blk.{block}.ffn_norm.weight"] == "F32"
+    # untied: the embedding in the base type, the head Q8_0 (its 128-wide rows do not fill a 256-element super-block)
+    assert (types["token_embd.weight"], types["output.weight"], types["output_norm.weight"]) == ("Q4_0", "Q8_0", "F32")
+    assert len(types) == 2 * 9 + 3
+    field = {k: f.contents() for k, f in reader.fields.items() if k != "tokenizer.ggml.merges"}
+    assert field["general.architecture"] == "llama" and field["general.file_type"] == 2
+    assert (field["llama.block_count"], field["llama.embedding_length"], field["llama.feed_forward_length"]) == (2, 128, 256)
+    assert (field["llama.attention.head_count"], field["llama.attention.head_count_kv"], field["llama.context_length"]) == (4, 2, 128)
+    assert field["llama.rope.dimension_count"] == 32 and field["llama.rope.freq_base"] == 10000.0
+    tokens, kinds = field["tokenizer.ggml.tokens"], field["tokenizer.ggml.token_type"]
+    tokenizer = AutoTokenizer.from_pretrained(llama_bpe)
+    n = len(tokenizer)
+    assert n < 512 and tokens[:n] == [tokenizer.convert_ids_to_tokens(i) for i in range(n)]
+    assert len(tokens) == 512 and tokens[n] == f"[PAD{n}]" and kinds[n] == gguf.TokenType.UNUSED  # padded to the embedding
+    assert kinds[tokenizer.convert_tokens_to_ids("<|im_end|>")] == gguf.TokenType.CONTROL
+    assert field["tokenizer.ggml.model"] == "gpt2" and field["tokenizer.ggml.pre"] == "default"
+    assert field["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id and field["tokenizer.ggml.add_bos_token"] is False
+    assert len(reader.fields["tokenizer.ggml.merges"].contents()) > 0
+    assert field["tokenizer.chat_template"].startswith("{% for m in messages %}")
+
+
+def _rope_order_undone(rows: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k rows back in the checkpoint's order (an independent spelling of the inverse permutation)."""
+    half = rows.shape[0] // heads // 2
+    order = [h * 2 * half + (i % 2) * half + i // 2 for h in range(heads) for i in range(2 * half)]
+    back = np.empty_like(rows)
+    back[order] = rows
+    return back
+
+
+def test_every_linear_is_llmquants_own_result_bit_for_bit(q4_0: Path, llama_bpe: Path, tmp_path: Path, pm: Plugins) -> None:
+    reference = tmp_path / "gptq"
+    quantize(llama_bpe, reference, {"group_size": 32}, plugins=pm)  # the same codes in the GPTQ format
+    ours = load_quantized(reference, dtype=torch.float32, kernel="dequant")
+    reader = gguf.GGUFReader(str(q4_0 / "model.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    for block in range(2):
+        for module, name in LINEARS.items():
+            t = tensors[f"blk.{block}.{name}.weight"]
+            weight = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)  # gguf-py's reading, not ours
+            if name in ("attn_q", "attn_k"):
+                weight = _rope_order_undone(weight, 4 if name == "attn_q" else 2)
+            expected = ours.get_submodule(f"model.layers.{block}.{module}").dequantize()
+            assert np.array_equal(weight, expected.numpy()), f"blk.{block}.{name}"
+
+
+def test_llmquants_runtime_reads_its_gguf_back_exactly(q4_0: Path, tmp_path: Path, llama_bpe: Path, pm: Plugins) -> None:
+    out = tmp_path / "f32-embedding"
+    quantize(llama_bpe, out, {"format": "gguf", "gguf_type": "q4_0", "group_size": 32, "gguf_embedding_type": "f32"}, plugins=pm)
+    reference = tmp_path / "gptq"
+    quantize(llama_bpe, reference, {"group_size": 32}, plugins=pm)
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = load_quantized(out, dtype=torch.float32, kernel="dequant")(ids).logits
+        expected = load_quantized(reference, dtype=torch.float32, kernel="dequant")(ids).logits
+    assert torch.equal(ours, expected)
+
+
+def test_transformers_gguf_loader_reproduces_llmquants_logits(q4_0: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    theirs = AutoModelForCausalLM.from_pretrained(q4_0, gguf_file="model.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = load_quantized(q4_0, dtype=torch.float32, kernel="dequant")(ids).logits
+        got = theirs(ids).logits
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0).item()
+    assert cosine >= 0.9999 and torch.allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("settings,error,match", [
+    ({"gguf_type": "q4_0", "symmetric": False}, ConfigError, "q4_1, q5_0, q8_0"),
+    ({"gguf_type": "q8_0", "bits": 8, "symmetric": False}, ConfigError, "none"),
+    ({"gguf_type": "q4_k"}, ConfigError, "auto, q4_0"),
+    ({"algo": "gptq", "desc_act": True, "calib": "unused.txt"}, ConfigError, "act-order"),
+])
+def test_settings_gguf_cannot_hold_are_refused_before_any_work(llama_bpe: Path, tmp_path: Path, settings: dict,
+                                                                 error: type, match: str) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(error, match=match):
+        quantize(llama_bpe, out, {"format": "gguf", "group_size": 32, **settings})
+    assert not out.exists()
+
+
+def test_models_gguf_cannot_describe_are_refused_before_any_work(tiny_model_factory: object, tmp_path: Path) -> None:
+    opt = tiny_model_factory("opt")  # type: ignore[operator]
+    with pytest.raises(CheckpointError, match="not 'opt'"):
+        quantize(opt, tmp_path / "a", {"format": "gguf", "group_size": 32})
+    word_level = tiny_model_factory("llama")  # type: ignore[operator]
+    with pytest.raises(CheckpointError, match="byte-level BPE tokenizers"):
+        quantize(word_level, tmp_path / "b", {"format": "gguf", "group_size": 32})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_flags_and_a_killed_run_resumed_give_the_same_file(llama_bpe: Path, tmp_path: Path, q4_0: Path) -> None:
+    args = ["--format", "gguf", "--gguf-type", "q4_0", "--group-size", "32"]
+
+    def run(out: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "LLMQUANT_KILL_AT"} | ({"LLMQUANT_KILL_AT": kill_at} if kill_at else {})
+        return subprocess.run([sys.executable, "-m", "llmquant.cli", "quantize", str(llama_bpe), "-o", str(out), *args, *extra],
+                              capture_output=True, text=True, env=env)
+
+    out = tmp_path / "out"
+    assert run(out, kill_at="block-1").returncode == -9 and not out.exists()
+    done = run(out, "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    digest = lambda p: hashlib.sha256((p / "model.gguf").read_bytes()).hexdigest()  # noqa: E731
+    assert digest(out) == digest(q4_0)
