@@ -139,8 +139,10 @@ def _parser() -> argparse.ArgumentParser:
 
     v = commands.add_parser("verify", help="check that real loaders (transformers, vLLM) take an output and agree with llmquant")
     v.add_argument("output", help="a folder written by `llmquant quantize`")
-    v.add_argument("--loader", action="append", choices=["transformers", "vllm"],
-                   help="loaders to run (repeatable; default: every one that is installed)")
+    v.add_argument("--loader", action="append", choices=["transformers", "vllm", "llama.cpp"],
+                   help="loaders to run (repeatable; default: transformers and vLLM, or transformers and llama.cpp for GGUF)")
+    v.add_argument("--llama-cpp-python", help="Python of an environment with llama-cpp-python, for GGUF outputs (default: "
+                   "$LLMQUANT_LLAMA_CPP_PYTHON, or this Python when it can import llama_cpp)")
     v.add_argument("--vllm-python", help="Python of an environment with vllm installed (default: $LLMQUANT_VLLM_PYTHON, "
                    "or this Python when it can import vllm)")
     v.add_argument("--max-kl", type=float, default=None, help="largest mean KL divergence per position from llmquant's "
@@ -255,7 +257,8 @@ def _eval_plot(args: argparse.Namespace) -> None:
 def _verify(args: argparse.Namespace) -> int:
     from llmquant.verify import MAX_KL, MIN_TOP2, verify_output
 
-    checks = verify_output(args.output, loaders=tuple(args.loader or ("transformers", "vllm")), vllm_python=args.vllm_python,
+    checks = verify_output(args.output, loaders=tuple(args.loader) if args.loader else None, vllm_python=args.vllm_python,
+                           llama_cpp=args.llama_cpp_python,
                            max_kl=MAX_KL if args.max_kl is None else args.max_kl,
                            min_top2=MIN_TOP2 if args.min_top2 is None else args.min_top2)
     if args.json:

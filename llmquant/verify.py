@@ -168,31 +168,47 @@ def _transformers(path: Path, prompts: list[list[int]], dtype: torch.dtype) -> t
 
 
 def _vllm(path: Path, prompts: list[list[int]], python: str, timeout: int) -> dict[str, Any]:
-    probe = Path(__file__).with_name("vllm_probe.py")
+    context = json.loads((path / "config.json").read_text()).get("max_position_embeddings") or 512
+    request = {"prompts": prompts, "dtype": "float16", "new_tokens": 16, "top_k": TOP_K, "max_model_len": min(512, int(context))}
+    return run_probe("vllm_probe.py", path, request, python, timeout, "vLLM")
+
+
+def run_probe(script: str, target: Path, request: dict[str, Any], python: str, timeout: int, name: str) -> dict[str, Any]:
+    """Run one of llmquant's stand-alone probes (``vllm_probe.py``, ``llama_cpp_probe.py``) with `python` on `target`."""
+    probe = Path(__file__).with_name(script)
     with tempfile.TemporaryDirectory(prefix="llmquant-verify-") as tmp:
-        request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        context = json.loads((path / "config.json").read_text()).get("max_position_embeddings") or 512
-        request.write_text(json.dumps({"prompts": prompts, "dtype": "float16", "new_tokens": 16, "top_k": TOP_K,
-                                       "max_model_len": min(512, int(context))}))
+        request_path, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        request_path.write_text(json.dumps(request))
         env = {**os.environ, "VLLM_CACHE_ROOT": str(Path(tmp) / "vllm-cache")}
-        done = subprocess.run([python, str(probe), str(path), str(request), str(result)], capture_output=True,
+        done = subprocess.run([python, str(probe), str(target), str(request_path), str(result)], capture_output=True,
                               text=True, timeout=timeout, env=env)
         if not result.exists():
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            return {"error": f"the vLLM probe exited with {done.returncode}: {' | '.join(tail)}"}
+            return {"error": f"the {name} probe exited with {done.returncode}: {' | '.join(tail)}"}
         data: dict[str, Any] = json.loads(result.read_text())
         return data
 
 
-def verify_output(path: str | os.PathLike[str], *, loaders: tuple[str, ...] = ("transformers", "vllm"),
-                  vllm_python: str | None = None, max_kl: float = MAX_KL, min_top2: float = MIN_TOP2,
-                  timeout: int = 600) -> list[LoaderCheck]:
+def llama_cpp_python(given: str | None = None) -> str | None:
+    """The Python that runs llama.cpp: `given`, $LLMQUANT_LLAMA_CPP_PYTHON, or this one when it has llama_cpp."""
+    return given or os.environ.get("LLMQUANT_LLAMA_CPP_PYTHON") or (sys.executable if importlib.util.find_spec("llama_cpp") else None)
+
+
+def verify_output(path: str | os.PathLike[str], *, loaders: tuple[str, ...] | None = None,
+                  vllm_python: str | None = None, llama_cpp: str | None = None, max_kl: float = MAX_KL,
+                  min_top2: float = MIN_TOP2, timeout: int = 600) -> list[LoaderCheck]:
     """Score the fixed prompts with every requested loader that is installed and compare each with
-    llmquant's runtime. A loader that raises while loading or scoring is "refused", with its message."""
+    llmquant's runtime. A loader that raises while loading or scoring is "refused", with its message.
+
+    `loaders` defaults to transformers and vLLM, or transformers and llama.cpp for a GGUF output
+    (`llama_cpp`: the Python of an environment with llama-cpp-python)."""
     from llmquant.deps import MissingDependency, require_integration
     from llmquant.runtime import load_quantized
 
     folder = Path(path)
+    quant = json.loads((folder / "config.json").read_text()).get("quantization_config", {})
+    gguf_file = quant.get("gguf_file") if quant.get("quant_method") == "gguf" else None
+    loaders = loaders or (("transformers", "llama.cpp") if gguf_file else ("transformers", "vllm"))
     prompts = _prompt_ids(folder)
     reference = _score(load_quantized(folder, dtype=torch.float32, kernel="dequant"), prompts)
     checks: list[LoaderCheck] = []
@@ -219,11 +235,26 @@ def verify_output(path: str | os.PathLike[str], *, loaders: tuple[str, ...] = ("
             checks.append(LoaderCheck("vllm", "not installed", message="pass --vllm-python PATH to a Python with vllm installed"))
         else:
             data = _vllm(folder, prompts, python, timeout)
-            if "error" in data:
-                checks.append(LoaderCheck("vllm", "refused", message=" ".join(str(data["error"]).split())[:400]))
-            else:
-                check = _compare(f"vllm {data.get('vllm_version', '')}".strip(), reference, data["positions"],
-                                 max_kl=max_kl, min_top2=min_top2)
-                check.greedy_text = data.get("greedy_text")
-                checks.append(check)
+            checks.append(_probe_check(f"vllm {data.get('vllm_version', '')}", data, reference, max_kl, min_top2))
+    if "llama.cpp" in loaders:
+        python = llama_cpp_python(llama_cpp)
+        if gguf_file is None:
+            checks.append(LoaderCheck("llama.cpp", "refused", message="llama.cpp reads GGUF only: quantize with --format gguf"))
+        elif python is None:
+            checks.append(LoaderCheck("llama.cpp", "not installed", message="pass --llama-cpp-python PATH to a Python with "
+                                      "llama-cpp-python installed"))
+        else:
+            data = run_probe("llama_cpp_probe.py", folder / gguf_file, {"prompts": prompts, "top_k": TOP_K, "new_tokens": 16},
+                             python, timeout, "llama.cpp")
+            checks.append(_probe_check(f"llama.cpp {data.get('llama_cpp_version', '')}", data, reference, max_kl, min_top2))
     return checks
+
+
+def _probe_check(loader: str, data: dict[str, Any], reference: list[list[Position]], max_kl: float, min_top2: float) -> LoaderCheck:
+    """A probe's answer (`run_probe`) as a verdict: its refusal, or its positions compared with ours."""
+    loader = loader.strip()
+    if "error" in data:
+        return LoaderCheck(loader.split()[0], "refused", message=" ".join(str(data["error"]).split())[:400])
+    check = _compare(loader, reference, data["positions"], max_kl=max_kl, min_top2=min_top2)
+    check.greedy_text = data.get("greedy_text")
+    return check

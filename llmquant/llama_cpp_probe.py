@@ -1,0 +1,85 @@
+"""Run inside an environment that has llama-cpp-python: load a GGUF file, score prompts, write JSON.
+
+    python llama_cpp_probe.py MODEL.gguf REQUEST.json RESULT.json
+
+This file imports nothing from llmquant (only numpy, which llama-cpp-python needs), so `llmquant
+verify` and the benchmarks can run it with the Python of a separate environment. The request holds
+token-id prompts (``prompts``), ``top_k`` and ``new_tokens``, and optionally ``windows``: token-id
+windows whose perplexity to compute (the mean negative log-likelihood of tokens 1..n-1 of each).
+The result holds, per prompt and position, the logprob llama.cpp gives the actual next token, its
+top-1 token and ``top_k`` most likely tokens, greedy continuations, and ``nll``/``tokens`` for the
+windows; or the error llama.cpp raised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from typing import Any
+
+
+def _logprobs(llm: Any, ids: list[int]) -> Any:
+    import numpy as np
+
+    llm.reset()
+    llm.eval(ids)
+    logits = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def probe(model: str, request: dict[str, Any]) -> dict[str, Any]:
+    try:
+        import llama_cpp
+        from llama_cpp import Llama
+    except ImportError as exc:
+        return {"error": f"llama-cpp-python is not installed in {sys.executable} ({exc}): pass --llama-cpp-python of an "
+                         "environment made with `CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install llama-cpp-python==0.3.36`"}
+    prompts, windows = request.get("prompts", []), request.get("windows", [])
+    n_ctx = max([len(p) + int(request.get("new_tokens", 16)) for p in prompts] + [len(w) for w in windows] + [64])
+    threads = int(request.get("threads") or os.cpu_count() or 1)
+    llm = Llama(model_path=model, n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True, n_threads=threads, seed=0,
+                verbose=False)
+    top_k = int(request.get("top_k", 20))
+    positions, greedy = [], []
+    for ids in prompts:
+        logprobs = _logprobs(llm, ids)
+        rows = []
+        for t in range(1, len(ids)):
+            row = logprobs[t - 1]
+            top = row.argsort()[::-1][:top_k]
+            rows.append({"logprob": float(row[ids[t]]), "top1": int(top[0]), "top": [[int(k), float(row[k])] for k in top]})
+        positions.append(rows)
+        llm.reset()
+        tokens: list[int] = []
+        for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+            if token == llm.token_eos() or len(tokens) >= int(request.get("new_tokens", 16)):
+                break
+            tokens.append(int(token))
+        greedy.append(tokens)
+    nll, counted = 0.0, 0
+    for ids in windows:
+        logprobs = _logprobs(llm, ids)
+        nll -= float(sum(logprobs[t - 1, ids[t]] for t in range(1, len(ids))))
+        counted += len(ids) - 1
+    return {"llama_cpp_version": llama_cpp.__version__, "positions": positions, "greedy": greedy,
+            "greedy_text": [llm.detokenize(g).decode("utf-8", errors="replace") for g in greedy],
+            "nll": nll, "tokens": counted}
+
+
+def main() -> None:
+    model, request_path, result_path = sys.argv[1:4]
+    with open(request_path) as f:
+        request = json.load(f)
+    try:
+        result = probe(model, request)
+    except Exception as exc:  # report llama.cpp's refusal to the caller instead of a traceback
+        result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
+    with open(result_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
