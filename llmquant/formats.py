@@ -90,6 +90,8 @@ class OutputFormat(Protocol):
         options_type: a frozen dataclass of the format's settings (flat keys in TOML and the
             API, e.g. ``gguf_type``); the host validates them and builds the format as
             ``cls(options_type(**values))``.
+        constraints(name, shape, config): settings the algorithm must honour for this Linear,
+            merged into its config before `check_module` (GGUF's K-quants: ``scale_grid``).
         check_model(folder): called with the source checkpoint folder before any work; raises
             CheckpointError for a model the format cannot describe (GGUF: its architecture).
         finish(folder, records): called once the temporary output folder holds the shards,

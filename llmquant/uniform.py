@@ -24,6 +24,7 @@ __all__ = [
     "best_clip",
     "check_groups",
     "dequantize_codes",
+    "grid_scales",
     "group_index",
     "minmax_params",
     "minmax_quantize",
@@ -32,7 +33,7 @@ __all__ = [
     "to_stored_precision",
 ]
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 _FLOAT16_SMALLEST_NORMAL = 2.0**-14
 
 
@@ -41,21 +42,27 @@ class UniformConfig:
     """Settings every uniform quantizer shares.
 
     Attributes:
-        bits: bits per weight code: 2, 3, 4 or 8.
+        bits: bits per weight code: 2, 3, 4, 5, 6 or 8 (formats say which they store).
         group_size: input channels sharing one scale and zero; None means one group per
             output channel (per-channel quantization).
         symmetric: zero fixed at the middle code ``2**(bits-1)``; False fits a zero per group.
+        scale_grid: ``(superblock, levels)``: the scales of each run of `superblock` inputs are
+            integer multiples ``0..levels`` of one float16 step (`grid_scales`), as GGUF's
+            K-quants store them. Set by the output format (``--gguf-type q4_k``), not by hand.
     """
 
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = True
+    scale_grid: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise ConfigError("bits", self.bits, f"one of {', '.join(map(str, SUPPORTED_BITS))}")
         if self.group_size is not None and (isinstance(self.group_size, bool) or self.group_size <= 0):
             raise ConfigError("group_size", self.group_size, "a positive int, or omit it for per-channel")
+        if self.scale_grid is not None and (self.group_size is None or self.scale_grid[0] % self.group_size):
+            raise ConfigError("group_size", self.group_size, f"a divisor of the scale grid's super-block of {self.scale_grid[0]}")
 
 
 def check_groups(shape: tuple[int, int], group_size: int | None, what: str = "weight") -> int:
@@ -128,6 +135,20 @@ def to_stored_precision(scale: Tensor) -> Tensor:
     return stored.float()
 
 
+def grid_scales(scale: Tensor, groups_per_block: int, levels: int) -> Tensor:
+    """Put ``scale: (out, G)`` on a super-block grid: each run of `groups_per_block` groups gets one
+    float16 step ``d = max / levels`` and every scale becomes ``d * k`` with integer ``k`` in
+    ``0..levels`` (the largest exactly ``levels``; others rounded to the nearest, a non-zero scale
+    to at least 1). This is how GGUF's K-quants store scales (Q4_K: 6-bit ``k``, Q6_K: 8-bit).
+    """
+    out_features, groups = scale.shape
+    runs = scale.float().reshape(out_features, groups // groups_per_block, groups_per_block)
+    d = (runs.amax(dim=2, keepdim=True) / levels).to(torch.float16).float()
+    k = torch.where(d > 0, runs / torch.where(d > 0, d, 1.0), 0.0).round().clamp(0, levels)
+    k = torch.where((runs > 0) & (k == 0), 1.0, k)
+    return (d * k).reshape(out_features, groups)
+
+
 def quantize_to_codes(W: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
     """Return uint8 codes ``clamp(round(W/scale) + zero, 0, 2**bits-1)``; scale/zero broadcast to W."""
     q = W.float() / scale
@@ -177,11 +198,13 @@ def best_clip(W: Tensor, xmin: Tensor, xmax: Tensor, ratios: Tensor, bits: int, 
     return best, chosen
 
 
-def minmax_quantize(W: Tensor, bits: int, group_size: int | None, symmetric: bool) -> UniformQuantized:
+def minmax_quantize(W: Tensor, bits: int, group_size: int | None, symmetric: bool,
+                    scale_grid: tuple[int, int] | None = None) -> UniformQuantized:
     """Round every weight to the nearest code of its group's min-max grid.
 
     Args:
         W: (out, in) float weight; ``in`` must be a multiple of `group_size`.
+        scale_grid: put the scales on a super-block grid first (`UniformConfig.scale_grid`).
 
     Returns:
         `UniformQuantized` on W's device, with a trivial ``g_idx``.
@@ -190,7 +213,7 @@ def minmax_quantize(W: Tensor, bits: int, group_size: int | None, symmetric: boo
     size = check_groups((out_features, in_features), group_size)
     groups = W.float().reshape(out_features, in_features // size, size)
     scale, zero = minmax_params(groups.amin(dim=2), groups.amax(dim=2), bits, symmetric)
-    scale = to_stored_precision(scale)
+    scale = to_stored_precision(scale) if scale_grid is None else grid_scales(scale, scale_grid[0] // size, scale_grid[1])
     codes = quantize_to_codes(groups, scale.unsqueeze(2), zero.unsqueeze(2), bits)
     return UniformQuantized(
         codes=codes.reshape(out_features, in_features),

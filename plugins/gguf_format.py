@@ -23,6 +23,7 @@ from llmquant.algorithm import UniformQuantized
 from llmquant.errors import ConfigError, ShapeError
 from llmquant.formats import ModuleRecord, OutputFormat, quantizer_name
 from llmquant.io.gguf_blocks import BLOCK, LOSSLESS, decode_blocks, encode_blocks, fitting_types, uniform_fit
+from llmquant.io.gguf_kquants import KQUANTS, SUPER, decode_kquant, encode_kquant
 from llmquant.io.gguf_model import QUANTIZED_MARK, check_convertible, write_gguf
 from llmquant.io.gguf_read import GGUFTensors
 
@@ -31,9 +32,9 @@ __all__ = ["GGUFFormat", "GGUFOptions"]
 log = logging.getLogger(__name__)
 
 GGUF_FILE = "model.gguf"
-GGUF_TYPES = ("auto", *LOSSLESS, "f16")
-EMBEDDING_TYPES = ("auto", "q4_0", "q4_1", "q5_0", "q8_0", "f16", "f32")
-FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8}  # gguf.LlamaFileType
+GGUF_TYPES = ("auto", *LOSSLESS, *KQUANTS, "f16")
+EMBEDDING_TYPES = ("auto", *LOSSLESS, *KQUANTS, "f16", "f32")
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q4_k": 14, "q6_k": 18}  # gguf.LlamaFileType
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,9 @@ class GGUFOptions:
 
     Attributes:
         gguf_type: the block type of the quantized Linears: auto (the smallest that holds each
-            result exactly), q4_0, q4_1, q5_0, q8_0, or f16 (the weights dequantized).
+            result exactly), q4_0, q4_1, q5_0, q8_0; q4_k or q6_k (the algorithm fits its scales
+            on the super-block grid; 4-bit Linears go to Q4_K and 6-bit ones to Q6_K, rows that are
+            not a multiple of 256 to the smallest exact 32-block type); or f16 (dequantized).
         gguf_embedding_type: the token embedding's and output head's type: auto (llama.cpp's
             choice: Q8_0 or Q6_K for the head and a tied embedding, the base type for an untied one).
     """
@@ -58,10 +61,10 @@ class GGUFOptions:
 
 
 class GGUFFormat:
-    """llama.cpp's GGUF: Q4_0/Q4_1/Q5_0/Q8_0 blocks from uniform codes, or F16."""
+    """llama.cpp's GGUF: Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K blocks from uniform codes, or F16."""
 
     name: ClassVar[str] = "gguf"
-    description: ClassVar[str] = "GGUF model.gguf, Q4_0/Q4_1/Q5_0/Q8_0 blocks or F16 (llama.cpp, Ollama, LM Studio)"
+    description: ClassVar[str] = "GGUF model.gguf, Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K blocks or F16 (llama.cpp, Ollama, LM Studio)"
     accepts: ClassVar[tuple[type, ...]] = (UniformQuantized,)
     default_for: ClassVar[tuple[type, ...]] = ()
     options_type: ClassVar[type] = GGUFOptions
@@ -73,36 +76,60 @@ class GGUFFormat:
         """Refuse, before any work, a model whose architecture, rope or tokenizer GGUF output does not cover."""
         check_convertible(folder)
 
+    def planned_type(self, in_features: int, bits: int, symmetric: bool) -> str:
+        """The block type a Linear with `in_features` inputs and these codes is written as.
+
+        A K-quant ``--gguf-type`` covers its family: 4-bit Linears go to Q4_K and 6-bit ones (a
+        recipe's overrides) to Q6_K; rows that are not a multiple of 256 inputs, where llama.cpp
+        falls back too, and other widths take the smallest exact 32-block type, as ``auto`` does."""
+        wanted = self.options.gguf_type
+        if wanted in KQUANTS:
+            family = {kind.bits: kind.name for kind in KQUANTS.values()}
+            if bits in family and symmetric and in_features % SUPER == 0:
+                return family[bits]
+            wanted = "auto"
+        if wanted == "auto":
+            fit = fitting_types(bits, symmetric)
+            return fit[0] if fit else "none"
+        return wanted
+
+    def constraints(self, name: str, shape: tuple[int, int], config: Any) -> dict[str, Any]:
+        """Settings the algorithm must honour for this Linear: a K-quant's scale grid."""
+        kind = self.planned_type(shape[1], getattr(config, "bits", 4), getattr(config, "symmetric", True))
+        return {"scale_grid": KQUANTS[kind].grid} if kind in KQUANTS else {}
+
     def check_module(self, name: str, shape: tuple[int, int], config: Any) -> None:
         """Refuse, before any work, a Linear whose result could not be written as the chosen type."""
         bits, symmetric = getattr(config, "bits", 4), getattr(config, "symmetric", True)
         group = getattr(config, "group_size", None) or shape[1]
-        if shape[1] % BLOCK or group % BLOCK:
-            raise ShapeError(f"{name} {shape} with group size {group}: GGUF blocks hold groups of a multiple of {BLOCK} "
-                             f"inputs; use --group-size 32, 64 or 128, or leave it in float with --ignore")
         if getattr(config, "desc_act", False) and not getattr(config, "static_groups", False):
             raise ConfigError("desc_act", True, "false for GGUF (act-order scatters the groups over the inputs, and GGUF's "
                               "blocks are contiguous), or static_groups = true")
-        wanted = self.options.gguf_type
-        if wanted == "auto" and not fitting_types(bits, symmetric):
-            raise ConfigError("bits", bits, f"a width a GGUF block type holds (2-8 bits; {bits}-bit "
-                              f"{'symmetric' if symmetric else 'asymmetric'} codes fit none)")
-        if wanted in LOSSLESS and not uniform_fit(LOSSLESS[wanted], bits, symmetric):
+        kind = self.planned_type(shape[1], bits, symmetric)
+        codes = f"{bits}-bit {'symmetric' if symmetric else 'asymmetric'} codes"
+        if self.options.gguf_type in KQUANTS and not symmetric:
+            raise ConfigError("symmetric", False, f"true for {self.options.gguf_type} (K-quants hold symmetric codes; drop --asym)")
+        if kind in KQUANTS:
+            if group != KQUANTS[kind].group:
+                raise ConfigError("group_size", group, f"{KQUANTS[kind].group} for {name} in {kind.upper()} (its groups): "
+                                  f"--group-size {KQUANTS[kind].group}")
+            return
+        if kind == "none":
+            raise ConfigError("bits", bits, f"a width a GGUF block type holds ({codes} fit none)")
+        if shape[1] % BLOCK or group % BLOCK:
+            raise ShapeError(f"{name} {shape} with group size {group}: GGUF blocks hold groups of a multiple of {BLOCK} "
+                             f"inputs; use --group-size 32, 64 or 128, or leave it in float with --ignore")
+        if kind in LOSSLESS and not uniform_fit(LOSSLESS[kind], bits, symmetric):
             fit = fitting_types(bits, symmetric)
-            raise ConfigError("gguf_type", wanted, f"a type that holds {bits}-bit {'symmetric' if symmetric else 'asymmetric'} "
-                              f"codes: {', '.join(fit) or 'none'}" + (" (or --sym for q4_0)" if wanted == "q4_0" and bits == 4 else ""))
-
-    def block_type(self, result: UniformQuantized) -> str:
-        """The type `result` is written as: the chosen one, or the smallest that holds it exactly."""
-        if self.options.gguf_type != "auto":
-            return self.options.gguf_type
-        return fitting_types(result.bits, result.symmetric)[0]
+            raise ConfigError("gguf_type", kind, f"a type that holds {codes}: {', '.join(fit) or 'none'}"
+                              + (" (or --sym for q4_0)" if kind == "q4_0" and bits == 4 else ""))
 
     def tensors(self, result: UniformQuantized, dtype: torch.dtype) -> dict[str, Tensor]:
-        kind = self.block_type(result)
+        kind = self.planned_type(result.shape[1], result.bits, result.symmetric)
         if kind == "f16":
             return {"weight": result.dequantize(torch.float16)}
-        return {f"{QUANTIZED_MARK[1:]}{kind}": encode_blocks(result, LOSSLESS[kind])}
+        rows = encode_kquant(result, KQUANTS[kind]) if kind in KQUANTS else encode_blocks(result, LOSSLESS[kind])
+        return {f"{QUANTIZED_MARK[1:]}{kind}": rows}
 
     def quantization_config(self, records: list[ModuleRecord], algo_params: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
         return {"quant_method": "gguf", "gguf_file": GGUF_FILE, "gguf_type": self.options.gguf_type,
@@ -118,8 +145,10 @@ class GGUFFormat:
 
     def read(self, tensors: Mapping[str, Tensor], quantization_config: Mapping[str, Any]) -> UniformQuantized:
         (key, rows), = ((k, t) for k, t in tensors.items() if k.startswith(QUANTIZED_MARK[1:]))
-        kind = LOSSLESS[key.removeprefix(QUANTIZED_MARK[1:])]
-        return decode_blocks(rows, kind, rows.shape[1] // kind.block_bytes * BLOCK)
+        name = key.removeprefix(QUANTIZED_MARK[1:])
+        if name in KQUANTS:
+            return decode_kquant(rows, KQUANTS[name], rows.shape[1] // KQUANTS[name].block_bytes * SUPER)
+        return decode_blocks(rows, LOSSLESS[name], rows.shape[1] // LOSSLESS[name].block_bytes * BLOCK)
 
     def open(self, folder: Path) -> Mapping[str, Tensor]:
         """``model.gguf``'s tensors under the checkpoint's names, Linears as the rows `read` decodes."""
@@ -128,7 +157,8 @@ class GGUFFormat:
     def finish(self, folder: Path, records: list[ModuleRecord]) -> None:
         """Turn the finished output in `folder` into ``model.gguf`` plus an Ollama ``Modelfile``."""
         types = Counter(key.partition(QUANTIZED_MARK)[2] for key in _tensor_keys(folder) if QUANTIZED_MARK in key)
-        base = types.most_common(1)[0][0] if types else "f16"
+        chosen = self.options.gguf_type
+        base = chosen if chosen in FILE_TYPES else types.most_common(1)[0][0] if types else "f16"
         record = json.loads((folder / "llmquant.json").read_text()) if (folder / "llmquant.json").exists() else {}
         partial = folder / (GGUF_FILE + ".partial")
         write_gguf(folder, partial, embedding_type=self.options.gguf_embedding_type, base_type=base,

@@ -32,7 +32,7 @@ from torch import Tensor
 from llmquant import hookimpl
 from llmquant.algorithm import Algorithm, CalibrationStats, UniformQuantized
 from llmquant.errors import ConfigError, LlmquantError, ShapeError
-from llmquant.uniform import (UniformConfig, best_clip, check_groups, minmax_params, minmax_quantize, quantize_to_codes,
+from llmquant.uniform import (UniformConfig, best_clip, check_groups, grid_scales, minmax_params, minmax_quantize, quantize_to_codes,
                               to_stored_precision)
 
 __all__ = ["GPTQ", "GPTQConfig", "gptq_quantize", "find_params"]
@@ -185,8 +185,12 @@ def gptq_quantize(W: Tensor, H: Tensor, config: GPTQConfig, name: str = "weight"
             columns = slice(g * size, (g + 1) * size)
             scales[:, g], zeros[:, g] = find_params(W[:, columns], bits, config.symmetric, config.mse,
                                                     None if original_weight is None else original_weight[columns])
+        if config.scale_grid is not None:
+            scales = grid_scales(scales, config.scale_grid[0] // size, config.scale_grid[1])
         fitted[:] = True
+    position = torch.arange(in_features, device=W.device)  # processing position of each original column
     if perm is not None:
+        position[perm] = torch.arange(in_features, device=W.device)
         W = W[:, perm]
         if config.desc_act and not config.static_groups:
             g_of_col = torch.empty_like(g_of_col)
@@ -203,6 +207,17 @@ def gptq_quantize(W: Tensor, H: Tensor, config: GPTQConfig, name: str = "weight"
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             g = int(group_in_order[i1 + i])
+            if not fitted[g] and config.scale_grid is not None:
+                # a super-block's groups share one step: fit them all now, from their current (updated) columns
+                per_block = config.scale_grid[0] // size
+                run = range(g // per_block * per_block, (g // per_block + 1) * per_block)
+                for h in run:
+                    at = position[h * size:(h + 1) * size]
+                    current = torch.where((at >= i1) & (at < i2), W1[:, (at - i1).clamp(0, i2 - i1 - 1)], W[:, at])
+                    scales[:, h], zeros[:, h] = find_params(current, bits, config.symmetric, config.mse,
+                                                            None if weight is None else weight[at])
+                scales[:, run.start:run.stop] = grid_scales(scales[:, run.start:run.stop], per_block, config.scale_grid[1])
+                fitted[run.start:run.stop] = True
             if not fitted[g]:
                 # the group's columns, in processing order, are contiguous from here (natural, act-group-aware
                 # and act-order orders all visit a group's columns together)
@@ -247,7 +262,7 @@ class GPTQ:
     def quantize_weight(self, W: Tensor, config: GPTQConfig, stats: CalibrationStats | None) -> UniformQuantized:
         """Quantize ``W: (out, in)`` with ``stats.H: (in, in)``."""
         if stats is None:  # no calibration reached this weight (a rarely routed expert): round to nearest
-            return minmax_quantize(W, config.bits, config.group_size, config.symmetric)
+            return minmax_quantize(W, config.bits, config.group_size, config.symmetric, config.scale_grid)
         if stats.H.shape != (W.shape[1], W.shape[1]):
             raise ShapeError(f"GPTQ: Hessian of shape {tuple(stats.H.shape)} does not match a weight of shape {tuple(W.shape)}")
         return gptq_quantize(W, stats.H, config)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from llmquant import hookimpl
 from llmquant.algorithm import UniformQuantized
-from llmquant.errors import PluginError, ShapeError
+from llmquant.errors import ConfigError, PluginError, ShapeError
 from llmquant.formats import ModuleRecord, OutputFormat, quantizer_name
 from llmquant.io.gptq import from_gptq_tensors, gptq_quantization_config, to_gptq_tensors
 
@@ -34,6 +34,8 @@ class GPTQFormat:
     def check_module(self, name: str, shape: tuple[int, int], config: Any) -> None:
         """Raise ShapeError if this weight cannot be packed at the config's bit width."""
         bits = getattr(config, "bits", 4)
+        if bits not in (2, 3, 4, 8):
+            raise ConfigError("bits", bits, "2, 3, 4 or 8 for GPTQ (GGUF's K-quants hold 5 and 6 bits: --format gguf)")
         for dim, length in (("out_features", shape[0]), ("in_features", shape[1])):
             multiple = 32 if bits == 3 else 32 // bits
             if length % multiple:

@@ -33,7 +33,7 @@ from llmquant import hookimpl
 from llmquant.algorithm import Algorithm, CalibrationStats, UniformQuantized
 from llmquant.errors import ConfigError
 from llmquant.uniform import (
-    UniformConfig, best_clip, check_groups, group_index, minmax_params, quantization_error, quantize_to_codes,
+    UniformConfig, best_clip, check_groups, grid_scales, group_index, minmax_params, quantization_error, quantize_to_codes,
     to_stored_precision,
 )
 
@@ -120,8 +120,10 @@ def groupwise_search(W: Tensor, config: GroupwiseConfig) -> UniformQuantized:
     for _ in range(config.refine_steps):
         s, z = _least_squares(Wg, quantize_to_codes(Wg, scale, zero, bits), zero, bits, symmetric)
         scale, zero, best = _keep_better(Wg, to_stored_precision(s.clamp(min=1e-30)), z, bits, norm, importance, (scale, zero, best))
-    codes = quantize_to_codes(Wg, scale, zero, bits)
     groups = in_features // size
+    if config.scale_grid is not None:  # one step per super-block (GGUF's K-quants), then the codes for it
+        scale = grid_scales(scale.reshape(out_features, groups), config.scale_grid[0] // size, config.scale_grid[1]).reshape(-1, 1)
+    codes = quantize_to_codes(Wg, scale, zero, bits)
     return UniformQuantized(
         codes=codes.reshape(out_features, in_features),
         scales=scale.reshape(out_features, groups),

@@ -33,7 +33,7 @@ class RTN:
 
     def quantize_weight(self, W: Tensor, config: RTNConfig, stats: CalibrationStats | None) -> UniformQuantized:
         """Quantize ``W: (out, in)``; raises ShapeError if the group size does not divide ``in``."""
-        return minmax_quantize(W, config.bits, config.group_size, config.symmetric)
+        return minmax_quantize(W, config.bits, config.group_size, config.symmetric, config.scale_grid)
 
 
 @hookimpl

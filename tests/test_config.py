@@ -47,8 +47,8 @@ def test_wrong_type_names_the_key_and_the_type(key: str, value: object, expected
 
 
 def test_override_fields_are_validated() -> None:
-    with pytest.raises(ConfigError, match=r"overrides\[0\]: bits: expected one of 2, 3, 4, 8, got 5"):
-        resolve_config({"overrides": [{"pattern": "down", "bits": 5}]}, RTNConfig, where="x.toml")
+    with pytest.raises(ConfigError, match=r"overrides\[0\]: bits: expected one of 2, 3, 4, 5, 6, 8, got 7"):
+        resolve_config({"overrides": [{"pattern": "down", "bits": 7}]}, RTNConfig, where="x.toml")
     with pytest.raises(ConfigError, match=r"overrides\[0\]: damp: expected one of bits"):
         resolve_config({"overrides": [{"pattern": "down", "damp": 5}]}, RTNConfig, where="x.toml")
 

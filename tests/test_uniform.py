@@ -66,8 +66,9 @@ def test_group_size_must_divide_in_features() -> None:
         minmax_quantize(torch.randn(4, 100), 4, 64, True)
 
 
-@pytest.mark.parametrize("kwargs,field", [({"bits": 5}, "bits"), ({"group_size": 0}, "group_size"), ({"group_size": -1}, "group_size")],
-                         ids=["bits5", "group0", "group-1"])
+@pytest.mark.parametrize("kwargs,field", [({"bits": 7}, "bits"), ({"group_size": 0}, "group_size"), ({"group_size": -1}, "group_size"),
+                                            ({"group_size": 48, "scale_grid": (256, 63)}, "group_size")],
+                         ids=["bits7", "group0", "group-1", "group-off-grid"])
 def test_config_errors_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=f"^{field}: expected"):
         UniformConfig(**kwargs)
@@ -119,3 +120,15 @@ def test_best_clip_is_the_lowest_error_candidate_in_any_batching(symmetric: bool
     assert torch.allclose(error, expected_error, rtol=1e-6, atol=0)
     assert torch.equal(ratio, ratios.gather(0, at[None]).squeeze(0))
     assert float(ratio[7]) == float(ratios[0, 7]) and float(error[7]) == 0
+
+
+def test_grid_scales_share_one_float16_step_per_super_block() -> None:
+    from llmquant.uniform import grid_scales
+
+    scale = torch.rand(6, 16, generator=torch.Generator().manual_seed(0)) + 0.01
+    scale[0, :8] = 0  # an all-zero super-block stays zero
+    grid = grid_scales(scale, 8, 63).view(6, 2, 8)
+    d = grid.amax(dim=2, keepdim=True) / 63
+    assert torch.equal(d.half().float(), d) and torch.equal(grid / torch.where(d > 0, d, 1), (grid / torch.where(d > 0, d, 1)).round())
+    assert torch.equal(grid[0, 0], torch.zeros(8)) and (grid.view(6, 16)[1:] > 0).all()
+    assert ((grid.view(6, 16) - scale).abs() <= d.repeat_interleave(8, dim=1).view(6, 16) / 2 + 1e-7).all()  # nearest multiple

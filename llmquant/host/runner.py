@@ -274,7 +274,7 @@ def _plan(layout: BlockLayout, checkpoint: Checkpoint, config: QuantizeConfig, a
             module_config = dataclasses.replace(algo_config, **override.params) if override else algo_config
             check_groups(shape, getattr(module_config, "group_size", None), name)
             fmt.check_module(name, shape, module_config)
-            configs[name] = module_config
+            configs[name] = _format_constraints(fmt, name, shape, module_config)
     in_blocks = re.compile(rf"^{re.escape(layout.prefix)}\.(\d+)\.")
     for key, info in checkpoint.infos.items():
         module = key.removesuffix(".weight")
@@ -285,6 +285,18 @@ def _plan(layout: BlockLayout, checkpoint: Checkpoint, config: QuantizeConfig, a
             kept[module] = (_shape2(info.shape), f"not an nn.Linear: {len(info.shape)}-D parameter of {owner}")
     return _Plan(layout, configs, kept, keys, tuple(keys.disk(e) for e in experts),
                  OutputNames.build(config.expert_names, skeleton, keys, experts))
+
+
+def _format_constraints(fmt: OutputFormat, name: str, shape: tuple[int, int], module_config: Any) -> Any:
+    """The module's algorithm config with the settings the format requires of it (GGUF K-quants: a scale grid)."""
+    constraints = getattr(fmt, "constraints", None)
+    required = constraints(name, shape, module_config) if constraints is not None else {}
+    fields = {f.name for f in dataclasses.fields(module_config)}
+    missing = sorted(set(required) - fields)
+    if missing:
+        raise PluginError(f"format {fmt.name!r} needs {', '.join(missing)} for {name}, which this algorithm's config does not "
+                          f"have; use an algorithm built on llmquant.uniform.UniformConfig (rtn, gptq, groupwise-int4)")
+    return dataclasses.replace(module_config, **required) if required else module_config
 
 
 def _moe_gates(model: Any, experts: list[str], layout: BlockLayout) -> dict[str, bool]:

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from llmquant.errors import CheckpointError
-from llmquant.io.gguf_blocks import BLOCK, LOSSLESS
+from llmquant.io.gguf_blocks import LOSSLESS
+from llmquant.io.gguf_kquants import KQUANTS, SUPER, encode_kquant
 
 __all__ = ["ARCHITECTURES", "QUANTIZED_MARK", "check_convertible", "float_type", "gguf_tensor_name", "write_gguf"]
 
@@ -116,7 +117,7 @@ def float_type(name: str, shape: tuple[int, ...], tied: bool, base: str) -> str:
     if name == "output.weight" or (tied and name == "token_embd.weight"):
         return "q8_0" if shape[-1] % 256 else "q6_k"
     if name == "token_embd.weight":
-        return base if base in LOSSLESS else "q8_0"
+        return base if base in LOSSLESS or (base in KQUANTS and shape[-1] % SUPER == 0) else "q8_0"
     return "f16"
 
 
@@ -135,10 +136,16 @@ def _encode_float(tensor: Tensor, kind: str) -> tuple[np.ndarray[Any, Any], int]
     if kind == "f16":
         return data.astype(np.float16), int(gguf.GGMLQuantizationType.F16)
     qtype = gguf.GGMLQuantizationType[kind.upper()]
-    try:
-        return gguf.quants.quantize(data, qtype), int(qtype)
-    except NotImplementedError:
-        raise CheckpointError(f"float tensors cannot be written as {kind.upper()} yet; choose q8_0 or f16") from None
+    if kind in KQUANTS:  # llmquant's round-to-nearest on the super-block grid (gguf-py has no K-quant quantizer)
+        from llmquant.uniform import minmax_quantize
+
+        spec = KQUANTS[kind]
+        if tensor.shape[-1] % SUPER:
+            raise CheckpointError(f"a tensor of shape {tuple(tensor.shape)} cannot be {kind.upper()}: rows must be a multiple "
+                                  f"of {SUPER}; choose q8_0 with --gguf-embedding-type")
+        result = minmax_quantize(tensor.float(), spec.bits, spec.group, True, spec.grid)
+        return encode_kquant(result, spec).numpy(), int(qtype)
+    return gguf.quants.quantize(data, qtype), int(qtype)
 
 
 def _byte_size(shape: tuple[int, ...], kind: str) -> int:
@@ -204,7 +211,7 @@ def write_gguf(folder: Path, target: Path, *, embedding_type: str, base_type: st
         plan.append((key, handle, gname, kind, quantized, shape))
         if quantized:
             writer.add_tensor_info(gname, shape, np.dtype(np.uint8), int(np.prod(shape)),
-                                   raw_dtype=gguf.GGMLQuantizationType(LOSSLESS[kind].ggml_type))
+                                   raw_dtype=gguf.GGMLQuantizationType[kind.upper()])
         else:
             nbytes = int(np.prod(shape)) * {"f32": 4, "f16": 2}[kind] if kind in ("f32", "f16") else _byte_size(shape, kind)
             dtype = {"f32": np.float32, "f16": np.float16}.get(kind, np.uint8)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from llmquant.errors import CheckpointError
 from llmquant.io.gguf_blocks import LOSSLESS
+from llmquant.io.gguf_kquants import KQUANTS
 from llmquant.io.gguf_model import QUANTIZED_MARK, architecture_of, gguf_tensor_name
 
 __all__ = ["GGUFTensors"]
@@ -53,7 +54,7 @@ class GGUFTensors(Mapping[str, Tensor]):
                 raise CheckpointError(f"{path}: tensor {tensor.name} has no place in a {config.get('model_type')} model")
             key = names[tensor.name]
             kind = tensor.tensor_type.name.lower()
-            if kind in LOSSLESS and key.endswith(".weight") and len(tensor.shape) == 2 and "embed" not in key:
+            if (kind in LOSSLESS or kind in KQUANTS) and key.endswith(".weight") and len(tensor.shape) == 2 and "embed" not in key:
                 key = f"{key.removesuffix('.weight')}{QUANTIZED_MARK}{kind}"
             self.tensors[key] = tensor
 

@@ -7,6 +7,7 @@ import torch
 from llmquant.algorithm import UniformQuantized
 from llmquant.errors import ShapeError
 from llmquant.io.gguf_blocks import LOSSLESS, decode_blocks, encode_blocks, fitting_types, uniform_fit
+from llmquant.io.gguf_kquants import KQUANTS, decode_kquant, encode_kquant
 from llmquant.uniform import minmax_quantize
 
 gguf = pytest.importorskip("gguf")
@@ -92,3 +93,48 @@ def test_what_does_not_fit_is_refused() -> None:
         encode_blocks(scattered, LOSSLESS["q5_0"])
     with pytest.raises(ShapeError, match="multiple of 32"):
         encode_blocks(minmax_quantize(torch.randn(4, 48), 4, 16, True), LOSSLESS["q4_0"])
+
+
+def _super_block(k: list[int], d: float, bits: int, group: int) -> UniformQuantized:
+    """One row of one 256-input super-block: codes e % 2**bits, scales d * k per group, symmetric."""
+    scales = torch.tensor([[d * kj for kj in k]])
+    return UniformQuantized(codes=torch.tensor([[e % 2**bits for e in range(256)]], dtype=torch.uint8), scales=scales,
+                            zeros=torch.full((1, len(k)), 2 ** (bits - 1), dtype=torch.int32),
+                            g_idx=torch.arange(256, dtype=torch.int32) // group, bits=bits, group_size=group, symmetric=True)
+
+
+def test_golden_bytes_q4_k() -> None:
+    # d = 2**-6 (float16 0x2400), dmin = 8 d = 2**-3 (0x3000); sc = m = k; 6-bit scales packed as ggml-common.h draws them
+    k = [63, 1, 2, 3, 60, 61, 62, 17]
+    rows = encode_kquant(_super_block(k, 2.0**-6, 4, 32), KQUANTS["q4_k"])
+    scale_bytes = bytes([63 | 3 << 6, 1 | 3 << 6, 2 | 3 << 6, 3 | 1 << 6] * 2 + [0xCC, 0xDD, 0xEE, 0x11])
+    qs = bytes((l % 16) | (l % 16) << 4 for l in range(32)) * 4  # group 2p in the low nibbles, 2p + 1 in the high
+    assert bytes(rows[0].tolist()) == b"\x00\x24\x00\x30" + scale_bytes + qs
+
+
+def test_golden_bytes_q6_k() -> None:
+    k = [127, *range(1, 16)]
+    rows = bytes(encode_kquant(_super_block(k, 2.0**-6, 6, 16), KQUANTS["q6_k"])[0].tolist())
+    assert len(rows) == 210 and rows[208:] == b"\x00\x24" and list(rows[192:208]) == k
+    q = [e % 64 for e in range(256)]
+    assert rows[0] == (q[0] & 0xF) | (q[64] & 0xF) << 4 and rows[32] == (q[32] & 0xF) | (q[96] & 0xF) << 4
+    assert rows[128 + 5] == q[5] >> 4 | (q[37] >> 4) << 2 | (q[69] >> 4) << 4 | (q[101] >> 4) << 6
+
+
+@pytest.mark.parametrize("name", sorted(KQUANTS))
+def test_gguf_py_dequantizes_our_k_quants_to_llmquants_own_weights(name: str) -> None:
+    kind = KQUANTS[name]
+    W = torch.randn(16, 512, generator=torch.Generator().manual_seed(0)) * torch.rand(16, 512, generator=torch.Generator().manual_seed(1))
+    result = minmax_quantize(W, kind.bits, kind.group, True, kind.grid)
+    rows = encode_kquant(result, kind)
+    theirs = gguf.quants.dequantize(rows.numpy(), gguf.GGMLQuantizationType(kind.ggml_type))
+    assert np.array_equal(theirs, result.dequantize().numpy())
+    assert np.array_equal(decode_kquant(rows, kind, 512).dequantize().numpy(), theirs)
+
+
+def test_k_quants_refuse_scales_off_their_grid() -> None:
+    off_grid = minmax_quantize(torch.randn(4, 256), 4, 32, True)  # free float16 scales
+    with pytest.raises(ValueError, match="--gguf-type q4_k"):
+        encode_kquant(off_grid, KQUANTS["q4_k"])
+    with pytest.raises(ShapeError, match="multiple of 256"):
+        encode_kquant(minmax_quantize(torch.randn(4, 128), 4, 32, True, (128, 63)), KQUANTS["q4_k"])

@@ -146,7 +146,10 @@ def test_transformers_gguf_loader_reproduces_llmquants_logits(q4_0: Path) -> Non
 @pytest.mark.parametrize("settings,error,match", [
     ({"gguf_type": "q4_0", "symmetric": False}, ConfigError, "q4_1, q5_0, q8_0"),
     ({"gguf_type": "q8_0", "bits": 8, "symmetric": False}, ConfigError, "none"),
-    ({"gguf_type": "q4_k"}, ConfigError, "auto, q4_0"),
+    ({"gguf_type": "q3_k"}, ConfigError, "auto, q4_0"),
+    ({"gguf_type": "q4_k", "group_size": 64}, ConfigError, "--group-size 32"),
+    ({"gguf_type": "q4_k", "symmetric": False}, ConfigError, "drop --asym"),
+    ({"bits": 8, "symmetric": False}, ConfigError, "fit none"),
     ({"algo": "gptq", "desc_act": True, "calib": "unused.txt"}, ConfigError, "act-order"),
 ])
 def test_settings_gguf_cannot_hold_are_refused_before_any_work(llama_bpe: Path, tmp_path: Path, settings: dict,
@@ -181,3 +184,33 @@ def test_cli_flags_and_a_killed_run_resumed_give_the_same_file(llama_bpe: Path, 
     assert done.returncode == 0, done.stderr[-2000:]
     digest = lambda p: hashlib.sha256((p / "model.gguf").read_bytes()).hexdigest()  # noqa: E731
     assert digest(out) == digest(q4_0)
+
+
+def test_q4_k_holds_the_algorithms_grid_codes_and_falls_back_where_rows_do_not_fill_super_blocks(
+        llama_bpe: Path, tmp_path: Path, pm: Plugins) -> None:
+    from safetensors.torch import load_file
+
+    from llmquant_plugins.rtn import RTN, RTNConfig
+
+    out = tmp_path / "q4_k"
+    quantize(llama_bpe, out, {"format": "gguf", "gguf_type": "q4_k", "group_size": 32,
+                              "overrides": [{"pattern": r"layers\.1\.mlp\.down_proj", "bits": 6, "group_size": 16}]}, plugins=pm)
+    reader = gguf.GGUFReader(str(out / "model.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    # down_proj reads 256 inputs: one super-block; the rest read 128, where llama.cpp falls back too (here: exact Q4_0)
+    assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "Q4_K" and tensors["blk.1.ffn_down.weight"].tensor_type.name == "Q6_K"
+    assert {tensors[f"blk.0.{n}.weight"].tensor_type.name for n in LINEARS.values() if n != "ffn_down"} == {"Q4_0"}
+    assert reader.fields["general.file_type"].contents() == 14  # MOSTLY_Q4_K_S
+    source = {k: v for shard in llama_bpe.glob("*.safetensors") for k, v in load_file(shard).items()}
+    for block, bits, group, levels in ((0, 4, 32, 63), (1, 6, 16, 127)):
+        t = tensors[f"blk.{block}.ffn_down.weight"]
+        config = RTNConfig(bits=bits, group_size=group, scale_grid=(256, levels))
+        expected = RTN().quantize_weight(source[f"model.layers.{block}.mlp.down_proj.weight"], config, None).dequantize()
+        assert np.array_equal(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type), expected.numpy())
+    ids = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(2))
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        ours = load_quantized(out, dtype=torch.float32, kernel="dequant")(ids).logits
+        theirs = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)(ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-4)

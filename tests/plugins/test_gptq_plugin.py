@@ -222,3 +222,23 @@ def test_hessian_inversion_works_in_one_copy_and_leaves_h_alone(kwargs: str) -> 
     copies, untouched = done.stdout.split()
     assert untouched == "True"
     assert float(copies) < 1.5, f"gptq_quantize held {copies} Hessian-sized buffers beyond the caller's H"
+
+
+def _on_grid(scales: torch.Tensor, groups_per_block: int, levels: int) -> bool:
+    runs = scales.reshape(scales.shape[0], -1, groups_per_block)
+    d = runs.amax(dim=2, keepdim=True) / levels
+    k = runs / d
+    return bool(torch.equal(d.half().float(), d) and torch.equal(k, k.round()) and k.max() <= levels)
+
+
+@pytest.mark.parametrize("variant", ["natural", "act-group-aware", "static-groups", "mse"])
+@pytest.mark.parametrize("bits,group,levels", [(4, 32, 63), (6, 16, 127)], ids=["q4_k", "q6_k"])
+def test_gptq_on_a_k_quant_grid_keeps_its_scales_there_and_beats_rtn(variant: str, bits: int, group: int, levels: int) -> None:
+    W, H = layer(in_features=512)
+    config = GPTQConfig(bits=bits, group_size=group, scale_grid=(256, levels), **CONFIGS[variant])
+    result = gptq_quantize(W, H, config)
+    assert _on_grid(result.scales, 256 // group, levels)
+    rtn = output_error(W, minmax_quantize(W, bits, group, True, (256, levels)).dequantize(), H)
+    assert output_error(W, result.dequantize(), H) < 0.8 * rtn
+    fallback = GPTQ().quantize_weight(W, config, None)  # no calibration reached it: round to nearest, on the grid too
+    assert _on_grid(fallback.scales, 256 // group, levels)

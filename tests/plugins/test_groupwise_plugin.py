@@ -71,7 +71,7 @@ def test_asymmetric_zeros_stay_storable_in_gptq_v1() -> None:
 
 
 @pytest.mark.parametrize("kwargs,field", [({"grid": -1}, "grid"), ({"max_shrink": 1.0}, "max_shrink"),
-                                          ({"refine_steps": 1.5}, "refine_steps"), ({"bits": 5}, "bits"),
+                                          ({"refine_steps": 1.5}, "refine_steps"), ({"bits": 7}, "bits"),
                                           ({"norm": 0.5}, "norm"), ({"weight_power": -1}, "weight_power")],
                          ids=["grid", "max_shrink", "refine_steps", "bits", "norm", "weight_power"])
 def test_bad_config_names_the_field(kwargs: dict[str, object], field: str) -> None:
