@@ -1,6 +1,7 @@
 """Run inside an environment that has llama-cpp-python: load a GGUF file, score prompts, write JSON.
 
     python llama_cpp_probe.py MODEL.gguf REQUEST.json RESULT.json
+    python llama_cpp_probe.py --quantize IN.gguf OUT.gguf FTYPE [--pure]
 
 This file imports nothing from llmquant (only numpy, which llama-cpp-python needs), so `llmquant
 verify` and the benchmarks can run it with the Python of a separate environment. The request holds
@@ -18,6 +19,12 @@ import os
 import sys
 import traceback
 from typing import Any
+
+
+def _cores() -> int:
+    """The cores this process may run on: llama.cpp's threads spin while they wait, so one more thread
+    than cores (``taskset``, a container's CPU set) slows it down by orders of magnitude."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _logprobs(llm: Any, ids: list[int]) -> Any:
@@ -39,7 +46,7 @@ def probe(model: str, request: dict[str, Any]) -> dict[str, Any]:
                          "environment made with `CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install llama-cpp-python==0.3.36`"}
     prompts, windows = request.get("prompts", []), request.get("windows", [])
     n_ctx = max([len(p) + int(request.get("new_tokens", 16)) for p in prompts] + [len(w) for w in windows] + [64])
-    threads = int(request.get("threads") or os.cpu_count() or 1)
+    threads = int(request.get("threads") or _cores())
     llm = Llama(model_path=model, n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True, n_threads=threads, seed=0,
                 verbose=False)
     top_k = int(request.get("top_k", 20))
@@ -69,7 +76,24 @@ def probe(model: str, request: dict[str, Any]) -> dict[str, Any]:
             "nll": nll, "tokens": counted}
 
 
+def quantize(source: str, target: str, ftype: int, pure: bool) -> None:
+    """llama.cpp's own quantizer (``llama-quantize``) from an F16/F32 GGUF: ftype 2 is Q4_0, 15 Q4_K_M; `pure`
+    keeps every tensor, the output head too, at that type instead of llama.cpp's mix."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.pure = pure
+    params.nthread = _cores()
+    if llama_cpp.llama_model_quantize(source.encode(), target.encode(), ctypes.byref(params)) != 0:
+        sys.exit(f"llama_model_quantize failed on {source}")
+
+
 def main() -> None:
+    if sys.argv[1] == "--quantize":
+        return quantize(sys.argv[2], sys.argv[3], int(sys.argv[4]), "--pure" in sys.argv[5:])
     model, request_path, result_path = sys.argv[1:4]
     with open(request_path) as f:
         request = json.load(f)

@@ -68,11 +68,11 @@ class LoaderCheck:
         return asdict(self)
 
 
-def _prompt_ids(path: Path) -> list[list[int]]:
+def _prompt_ids(path: Path, prompts: tuple[str, ...]) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return [list(tokenizer(p).input_ids) for p in PROMPTS]
+    return [list(tokenizer(p).input_ids) for p in prompts]
 
 
 Position = dict[str, Any]  # {"logprob": of the actual next token, "top1": token, "top": [[token, logprob], ...]}
@@ -196,12 +196,13 @@ def llama_cpp_python(given: str | None = None) -> str | None:
 
 def verify_output(path: str | os.PathLike[str], *, loaders: tuple[str, ...] | None = None,
                   vllm_python: str | None = None, llama_cpp: str | None = None, max_kl: float = MAX_KL,
-                  min_top2: float = MIN_TOP2, timeout: int = 600) -> list[LoaderCheck]:
+                  min_top2: float = MIN_TOP2, timeout: int = 600, prompts_text: tuple[str, ...] = PROMPTS) -> list[LoaderCheck]:
     """Score the fixed prompts with every requested loader that is installed and compare each with
     llmquant's runtime. A loader that raises while loading or scoring is "refused", with its message.
 
     `loaders` defaults to transformers and vLLM, or transformers and llama.cpp for a GGUF output
-    (`llama_cpp`: the Python of an environment with llama-cpp-python)."""
+    (`llama_cpp`: the Python of an environment with llama-cpp-python). `prompts_text` are the texts scored
+    (default `PROMPTS`, 82 positions on SmolLM2's tokenizer; a longer text gives the top-2 share a finer grain)."""
     from llmquant.deps import MissingDependency, require_integration
     from llmquant.runtime import load_quantized
 
@@ -209,7 +210,7 @@ def verify_output(path: str | os.PathLike[str], *, loaders: tuple[str, ...] | No
     quant = json.loads((folder / "config.json").read_text()).get("quantization_config", {})
     gguf_file = quant.get("gguf_file") if quant.get("quant_method") == "gguf" else None
     loaders = loaders or (("transformers", "llama.cpp") if gguf_file else ("transformers", "vllm"))
-    prompts = _prompt_ids(folder)
+    prompts = _prompt_ids(folder, prompts_text)
     reference = _score(load_quantized(folder, dtype=torch.float32, kernel="dequant"), prompts)
     checks: list[LoaderCheck] = []
     if "transformers" in loaders:

@@ -94,9 +94,15 @@ class GGUFFormat:
         return wanted
 
     def constraints(self, name: str, shape: tuple[int, int], config: Any) -> dict[str, Any]:
-        """Settings the algorithm must honour for this Linear: a K-quant's scale grid."""
+        """Settings the algorithm must honour for this Linear: a K-quant's scale grid; in a K-quant run, groups of
+        32 for a Linear whose rows do not fill super-blocks (a recipe's Q6_K groups of 16 then go to Q8_0)."""
+        group = getattr(config, "group_size", None)
         kind = self.planned_type(shape[1], getattr(config, "bits", 4), getattr(config, "symmetric", True))
-        return {"scale_grid": KQUANTS[kind].grid} if kind in KQUANTS else {}
+        if kind in KQUANTS:
+            return {"scale_grid": KQUANTS[kind].grid} if group == KQUANTS[kind].group else {}  # else check_module explains
+        if self.options.gguf_type in KQUANTS and group is not None and group % BLOCK:
+            return {"group_size": BLOCK}
+        return {}
 
     def check_module(self, name: str, shape: tuple[int, int], config: Any) -> None:
         """Refuse, before any work, a Linear whose result could not be written as the chosen type."""
@@ -167,7 +173,7 @@ class GGUFFormat:
         for shard in [*folder.glob("*.safetensors"), *folder.glob("model.safetensors.index.json")]:
             shard.unlink()
         (folder / "Modelfile").write_text(modelfile(folder))
-        log.info("wrote %s (%s blocks: %s)", folder / GGUF_FILE, base.upper(),
+        log.info("wrote %s (%s: %s)", GGUF_FILE, base.upper(),
                  ", ".join(f"{n} {k.upper()}" for k, n in types.most_common()) or "none")
 
 

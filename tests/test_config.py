@@ -16,9 +16,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_shipped_configs_are_valid(path: Path, pm: Plugins) -> None:
     settings = load_toml(path)
     entry = pm.algorithm(settings["algo"])
-    config, algo = resolve_config(settings, entry.cls.config_type, where=path.name)
-    assert config.algo == entry.name and config.format != "auto"
-    assert pm.format_for(config.format, entry.cls.result_type, entry.name)  # the pair is storable
+    fmt = pm.format_for(settings["format"], entry.cls.result_type, entry.name)  # the pair is storable
+    config, algo = resolve_config(settings, entry.cls.config_type, where=path.name,
+                                  format_options=getattr(fmt.cls, "options_type", None))
+    assert config.algo == entry.name and config.format == fmt.name
 
 
 def test_flat_keys_split_into_host_and_algorithm() -> None:

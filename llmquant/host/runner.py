@@ -272,9 +272,10 @@ def _plan(layout: BlockLayout, checkpoint: Checkpoint, config: QuantizeConfig, a
                 continue
             override = next((o for o in config.overrides if re.search(o.pattern, name)), None)
             module_config = dataclasses.replace(algo_config, **override.params) if override else algo_config
+            module_config = _format_constraints(fmt, name, shape, module_config)
             check_groups(shape, getattr(module_config, "group_size", None), name)
             fmt.check_module(name, shape, module_config)
-            configs[name] = _format_constraints(fmt, name, shape, module_config)
+            configs[name] = module_config
     in_blocks = re.compile(rf"^{re.escape(layout.prefix)}\.(\d+)\.")
     for key, info in checkpoint.infos.items():
         module = key.removesuffix(".weight")
