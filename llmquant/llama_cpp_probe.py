@@ -37,6 +37,21 @@ def _logprobs(llm: Any, ids: list[int]) -> Any:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
+def _window_nll(llm: Any, ids: list[int], chunk: int = 256) -> float:
+    """Sum of -log p(ids[t] | ids[:t]) for t >= 1, from llama.cpp's logits, a few hundred rows at a time."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(ids)
+    total = 0.0
+    for start in range(0, len(ids) - 1, chunk):
+        rows = np.asarray(llm.scores[start:min(start + chunk, len(ids) - 1)], dtype=np.float64)
+        targets = np.asarray(ids[start + 1:start + 1 + rows.shape[0]])
+        top = rows.max(axis=1)
+        total += float((np.log(np.exp(rows - top[:, None]).sum(axis=1)) + top - rows[np.arange(rows.shape[0]), targets]).sum())
+    return total
+
+
 def probe(model: str, request: dict[str, Any]) -> dict[str, Any]:
     try:
         import llama_cpp
@@ -68,8 +83,7 @@ def probe(model: str, request: dict[str, Any]) -> dict[str, Any]:
         greedy.append(tokens)
     nll, counted = 0.0, 0
     for ids in windows:
-        logprobs = _logprobs(llm, ids)
-        nll -= float(sum(logprobs[t - 1, ids[t]] for t in range(1, len(ids))))
+        nll += _window_nll(llm, ids)
         counted += len(ids) - 1
     return {"llama_cpp_version": llama_cpp.__version__, "positions": positions, "greedy": greedy,
             "greedy_text": [llm.detokenize(g).decode("utf-8", errors="replace") for g in greedy],

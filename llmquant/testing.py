@@ -129,7 +129,7 @@ def check_formats_accept_results(cls: type[Any], tmp_path: Path) -> None:
 def check_bad_config_and_shape(cls: type[Any], tmp_path: Path) -> None:
     """Invalid settings raise ConfigError; a weight the config cannot fit raises an LlmquantError."""
     names = {f.name for f in dataclasses.fields(cls.config_type)}
-    for field, bad in (("bits", 5), ("group_size", 0)):
+    for field, bad in (("bits", 7), ("group_size", 0)):
         if field in names:
             try:
                 cls.config_type(**{field: bad})

@@ -42,6 +42,6 @@ class Sloppy:
 def test_a_sloppy_plugin_fails_with_clear_messages(tmp_path: Path) -> None:
     with pytest.raises(AssertionError, match="sloppy modified the weight it was given"):
         check_determinism_and_input_untouched(Sloppy, tmp_path)
-    with pytest.raises(AssertionError, match=r"sloppy: bits=5 was accepted; raise ConfigError"):
+    with pytest.raises(AssertionError, match=r"sloppy: bits=7 was accepted; raise ConfigError"):
         check_bad_config_and_shape(Sloppy, tmp_path)
 

@@ -112,7 +112,7 @@ def run_model(name: str, args: argparse.Namespace) -> None:
     results = json.loads(path.read_text()) if path.exists() else {"rows": {}}
     table = results["rows"] if args.seed == 0 else results.setdefault("seed_runs", {}).setdefault(str(args.seed), {})
     ids = AutoTokenizer.from_pretrained(model)(wikitext_path().read_text(), return_tensors="pt").input_ids[0]
-    windows = cut_windows(ids, 2048, spec.ppl_windows).tolist()
+    windows = cut_windows(ids, 2048, args.windows or spec.ppl_windows).tolist()
     params = sum(_numel(model))
     results["settings"] = {"model": spec.description, "params": params, "perplexity":
                            f"WikiText-2 test, first {len(windows)} windows of 2048 tokens, from llama.cpp's logits",
@@ -193,6 +193,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="smollm2, qwen2.5-coder-1.5b")
     parser.add_argument("--rows", default="all", help=f"comma-separated: {', '.join(ROWS)}")
+    parser.add_argument("--windows", type=int, help="WikiText-2 windows of 2048 tokens (default: the peers benchmark's)")
     parser.add_argument("--seed", type=int, default=0, help="calibration seed of the GPTQ rows; 0 is the table's")
     parser.add_argument("--llama-cpp-python", default=os.environ.get("LLMQUANT_LLAMA_CPP_PYTHON", "/work/llama-venv/bin/python"))
     parser.add_argument("--work", default="/tmp/llmquant-bench-gguf")
