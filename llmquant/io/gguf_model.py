@@ -174,6 +174,18 @@ class _Shards:
         return tuple(handle.get_slice(key).get_shape())
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of the output: where it is in the shards, its llama.cpp name and the type it is written as."""
+
+    key: str
+    handle: Any
+    name: str
+    kind: str  # f32, f16 or a block type
+    quantized: bool  # block rows the format already wrote; otherwise a float tensor to encode
+    shape: tuple[int, ...]
+
+
 def write_gguf(folder: Path, target: Path, *, embedding_type: str, base_type: str, file_type: int, name: str) -> None:
     """Write `folder`'s shards, config and tokenizer as the GGUF file `target`, one tensor at a time.
 
@@ -187,8 +199,6 @@ def write_gguf(folder: Path, target: Path, *, embedding_type: str, base_type: st
 
     config = json.loads((folder / "config.json").read_text())
     arch = architecture_of(config)
-    n_blocks = int(config["num_hidden_layers"])
-    tied = bool(config.get("tie_word_embeddings", False))
     writer = gguf.GGUFWriter(str(target), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]])
     writer.add_type("model")
     writer.add_name(name)
@@ -196,41 +206,46 @@ def write_gguf(folder: Path, target: Path, *, embedding_type: str, base_type: st
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_hyperparameters(writer, config)
     _add_tokenizer(writer, folder, int(config["vocab_size"]))
-
-    shards = _Shards(folder)
-    plan = []  # (key, handle, gguf name, kind, quantized)
-    for key, handle in shards:
-        module, mark, kind = key.partition(QUANTIZED_MARK)
-        quantized = bool(mark)
-        gname = gguf_tensor_name(module + ".weight" if quantized else key, n_blocks, arch)
-        shape = shards.shape(key, handle)
-        if not quantized:
-            kind = float_type(gname, shape, tied, base_type)
-            if embedding_type != "auto" and gname in ("token_embd.weight", "output.weight"):
-                kind = embedding_type
-        plan.append((key, handle, gname, kind, quantized, shape))
-        if quantized:
-            writer.add_tensor_info(gname, shape, np.dtype(np.uint8), int(np.prod(shape)),
-                                   raw_dtype=gguf.GGMLQuantizationType[kind.upper()])
+    entries = _plan(_Shards(folder), config, arch, embedding_type, base_type)
+    for entry in entries:  # the header lists every tensor before the first byte of data
+        raw = None if entry.kind in ("f32", "f16") else gguf.GGMLQuantizationType[entry.kind.upper()]
+        if entry.quantized:
+            writer.add_tensor_info(entry.name, entry.shape, np.dtype(np.uint8), int(np.prod(entry.shape)), raw_dtype=raw)
+        elif raw is None:
+            dtype = np.dtype(np.float32 if entry.kind == "f32" else np.float16)
+            writer.add_tensor_info(entry.name, entry.shape, dtype, int(np.prod(entry.shape)) * dtype.itemsize)
         else:
-            nbytes = int(np.prod(shape)) * {"f32": 4, "f16": 2}[kind] if kind in ("f32", "f16") else _byte_size(shape, kind)
-            dtype = {"f32": np.float32, "f16": np.float16}.get(kind, np.uint8)
-            raw = None if kind in ("f32", "f16") else gguf.GGMLQuantizationType[kind.upper()]
-            writer.add_tensor_info(gname, _byte_shape(shape, kind) if raw is not None else shape, np.dtype(dtype), nbytes,
-                                   raw_dtype=raw)
+            writer.add_tensor_info(entry.name, _byte_shape(entry.shape, entry.kind), np.dtype(np.uint8),
+                                   _byte_size(entry.shape, entry.kind), raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     heads = {"attn_q": int(config["num_attention_heads"]),
              "attn_k": int(config.get("num_key_value_heads") or config["num_attention_heads"])}
-    for key, handle, gname, kind, quantized, _ in plan:
-        tensor = handle.get_tensor(key)
-        role = gname.split(".")[-2]
-        if arch.permute_qk and role in heads and gname.endswith(".weight"):
+    for entry in entries:
+        tensor = entry.handle.get_tensor(entry.key)
+        role = entry.name.split(".")[-2]
+        if arch.permute_qk and role in heads and entry.name.endswith(".weight"):
             tensor = _permute_rows(tensor, heads[role])
-        data = tensor.contiguous().numpy() if quantized else _encode_float(tensor, kind)[0]
-        writer.write_tensor_data(data)
+        writer.write_tensor_data(tensor.contiguous().numpy() if entry.quantized else _encode_float(tensor, entry.kind)[0])
     writer.close()
+
+
+def _plan(shards: _Shards, config: dict[str, Any], arch: Architecture, embedding_type: str, base_type: str) -> list[_Entry]:
+    """Every tensor of the shards with its llama.cpp name and type, in the shards' order."""
+    n_blocks = int(config["num_hidden_layers"])
+    tied = bool(config.get("tie_word_embeddings", False))
+    entries = []
+    for key, handle in shards:
+        module, mark, kind = key.partition(QUANTIZED_MARK)
+        name = gguf_tensor_name(module + ".weight" if mark else key, n_blocks, arch)
+        shape = shards.shape(key, handle)
+        if not mark:
+            kind = float_type(name, shape, tied, base_type)
+            if embedding_type != "auto" and name in ("token_embd.weight", "output.weight"):
+                kind = embedding_type
+        entries.append(_Entry(key, handle, name, kind, bool(mark), shape))
+    return entries
 
 
 def _byte_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
