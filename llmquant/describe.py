@@ -13,6 +13,17 @@ from llmquant.host.checkpoint import Checkpoint
 __all__ = ["describe_output"]
 
 
+def _tensor_sizes(folder: Path, quantization_config: dict[str, Any]) -> dict[str, int]:
+    """Bytes of every stored tensor by checkpoint name: the shards', or a format's own file (GGUF) read back."""
+    from llmquant.plugins import get_plugin_manager
+
+    entry = get_plugin_manager().format_of(quantization_config) if quantization_config else None
+    opener = getattr(entry.cls(), "open", None) if entry is not None else None
+    if opener is not None:
+        return dict(opener(folder).sizes)
+    return {key: info.nbytes for key, info in Checkpoint(folder).infos.items()}
+
+
 def describe_output(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Return per-module bits/group/format and sizes, totals, the config, and a text table under ``"text"``.
 
@@ -24,16 +35,15 @@ def describe_output(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{folder} has no llmquant.json: point at a folder written by `llmquant quantize`")
     meta = json.loads(meta_path.read_text())
     quantization_config = json.loads((folder / "config.json").read_text()).get("quantization_config", {})
-    checkpoint = Checkpoint(folder)
+    sizes = _tensor_sizes(folder, quantization_config)
     fmt = meta["config"].get("format") or quantization_config.get("quant_method", "?")
     modules = []
     for m in meta["modules"]:
         out_features, in_features = m["shape"]
-        now = sum(info.nbytes for key, info in checkpoint.infos.items()
-                  if key.startswith(m["name"] + ".") and key != m["name"] + ".bias")
+        now = sum(size for key, size in sizes.items() if key.startswith(m["name"] + ".") and key != m["name"] + ".bias")
         modules.append({**m, "format": fmt if m["bits"] is not None else "float",
                         "bytes_fp16": out_features * in_features * 2, "bytes": now})
-    total = checkpoint.total_bytes
+    total = sum(sizes.values())
     rows = [f"{'module':<44} {'bits':>4} {'group':>5} {'sym':>5} {'format':>18} {'fp16 KB':>9} {'now KB':>8}"]
     rows += [
         f"{m['name']:<44} {m['bits'] or '-':>4} {m['group_size'] or '-':>5} {str(m['symmetric'] if m['bits'] else '-'):>5} "

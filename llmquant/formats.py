@@ -98,7 +98,8 @@ class OutputFormat(Protocol):
             config.json and tokenizer; turns them into the format's own files (``model.gguf``).
         open(folder): its files read back as a ``Mapping[str, Tensor]`` under the checkpoint's
             names, the Linears as the tensors `read` takes (llmquant's runtime uses it instead
-            of the safetensors shards).
+            of the safetensors shards), with a ``sizes`` dict of each tensor's bytes on disk
+            (for ``llmquant inspect``).
     """
 
     name: ClassVar[str]

@@ -57,6 +57,7 @@ class GGUFTensors(Mapping[str, Tensor]):
             if (kind in LOSSLESS or kind in KQUANTS) and key.endswith(".weight") and len(tensor.shape) == 2 and "embed" not in key:
                 key = f"{key.removesuffix('.weight')}{QUANTIZED_MARK}{kind}"
             self.tensors[key] = tensor
+        self.sizes = {key: int(tensor.n_bytes) for key, tensor in self.tensors.items()}  # bytes in the file, by key
 
     def __getitem__(self, key: str) -> Tensor:
         import gguf

@@ -214,3 +214,12 @@ def test_q4_k_holds_the_algorithms_grid_codes_and_falls_back_where_rows_do_not_f
         ours = load_quantized(out, dtype=torch.float32, kernel="dequant")(ids).logits
         theirs = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)(ids).logits
     assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_inspect_reads_the_sizes_from_model_gguf(q4_0: Path) -> None:
+    from llmquant.describe import describe_output
+
+    described = describe_output(q4_0)
+    q_proj = next(m for m in described["modules"] if m["name"] == "model.layers.0.self_attn.q_proj")
+    assert q_proj["format"] == "gguf" and q_proj["bytes"] == 128 * 128 // 32 * 18  # Q4_0: 18 bytes per 32 weights
+    assert described["total_bytes"] > described["linear_bytes"] > 0
