@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--algo", help="algorithm name (see `llmquant algorithms`; default rtn)")
     q.add_argument("--format", help="output format (see `llmquant formats`): auto (default: gptq for uniform codes, "
                    "bitsandbytes for NF4), gptq, gptq_v2, compressed-tensors, bitsandbytes, gguf")
-    q.add_argument("--bits", type=int, help="bits per weight: 2, 3, 4 or 8 (default 4)")
+    q.add_argument("--bits", type=int, help="bits per weight: 2, 3, 4, 8, or 5 and 6 for GGUF K-quants (default 4)")
     q.add_argument("--group-size", type=int, help="input channels per scale (default 128)")
     q.add_argument("--per-channel", action="store_true", help="one scale per output channel instead of groups")
     sym = q.add_mutually_exclusive_group()

@@ -38,7 +38,7 @@ def test_param_flag_and_per_channel(tiny_llama: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("argv,message", [
     (["--algo", "nope"], "unknown algorithm 'nope': installed algorithms are gptq, groupwise-int4, nf4, rtn"),
-    (["--bits", "5"], "flags: bits: expected one of 2, 3, 4, 8, got 5"),
+    (["--bits", "7"], "flags: bits: expected one of 2, 3, 4, 5, 6, 8, got 7"),
     (["--group-size", "96"], "not a multiple of group_size 96"),
     (["--format", "exl9"], "unknown format 'exl9': available formats are bitsandbytes, compressed-tensors, gguf, gptq, gptq_v2"),
     (["--algo", "nf4", "--format", "gptq"], "format 'gptq' cannot store CodebookQuantized results of algorithm 'nf4'; use one of: bitsandbytes"),

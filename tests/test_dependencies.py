@@ -18,9 +18,9 @@ from llmquant.errors import LlmquantError
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 FIRST_PARTY = {"llmquant", "llmquant_plugins", "llmquant_eval", "eval", "plugins"}
-# A file that runs in another environment's Python, never in llmquant's: the vLLM probe is started
-# by `llmquant verify` with the vLLM environment's interpreter and reports any failure as JSON.
-OTHER_ENVIRONMENT = {("llmquant/vllm_probe.py", "vllm")}
+# Files that run in another environment's Python, never in llmquant's: the vLLM and llama.cpp probes are
+# started by `llmquant verify` with that environment's interpreter and report any failure as JSON.
+OTHER_ENVIRONMENT = {("llmquant/vllm_probe.py", "vllm"), ("llmquant/llama_cpp_probe.py", "llama_cpp")}
 SOURCES = sorted(p for folder in ("llmquant", "plugins", "eval") for p in (ROOT / folder).rglob("*.py"))
 
 
