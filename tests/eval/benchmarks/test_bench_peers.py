@@ -178,8 +178,9 @@ def test_the_driver_and_the_report_share_the_rows_without_importing_each_other()
 @pytest.mark.parametrize("command", [[str(SCRIPT)], ["-m", "eval.benchmarks.bench_peers"],
                                      [str(ROOT / "eval" / "benchmarks" / "bench_formats.py")],
                                      [str(ROOT / "eval" / "benchmarks" / "bench_gptq.py")],
-                                     [str(ROOT / "eval" / "benchmarks" / "bench_speed.py")]],
-                         ids=["bench_peers-script", "bench_peers-module", "bench_formats", "bench_gptq", "bench_speed"])
+                                     [str(ROOT / "eval" / "benchmarks" / "bench_speed.py")],
+                                     [str(ROOT / "eval" / "benchmarks" / "bench_gguf.py")]],
+                         ids=["bench_peers-script", "bench_peers-module", "bench_formats", "bench_gptq", "bench_speed", "bench_gguf"])
 def test_the_drivers_run_from_the_repository_root(command: list[str]) -> None:
     done = run_measured([sys.executable, *command, "--help"], cwd=ROOT,
                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
