@@ -6,8 +6,8 @@
 This file imports nothing from llmquant (only numpy, which llama-cpp-python needs), so `llmquant
 verify` and the benchmarks can run it with the Python of a separate environment. The request holds
 token-id prompts (``prompts``), ``top_k`` and ``new_tokens``, and optionally ``windows``: token-id
-windows whose perplexity to compute (the mean negative log-likelihood of tokens 1..n-1 of each).
-The result holds, per prompt and position, the logprob llama.cpp gives the actual next token, its
+windows whose perplexity to compute (the mean negative log-likelihood of tokens 1..n-1 of each),
+and ``texts`` to tokenize (``token_ids``, with the BOS the file asks for). The result holds, per prompt and position, the logprob llama.cpp gives the actual next token, its
 top-1 token and ``top_k`` most likely tokens, greedy continuations, and ``nll``/``tokens`` for the
 windows; or the error llama.cpp raised.
 """
@@ -87,7 +87,8 @@ def probe(model: str, request: dict[str, Any]) -> dict[str, Any]:
         counted += len(ids) - 1
     return {"llama_cpp_version": llama_cpp.__version__, "positions": positions, "greedy": greedy,
             "greedy_text": [llm.detokenize(g).decode("utf-8", errors="replace") for g in greedy],
-            "nll": nll, "tokens": counted}
+            "nll": nll, "tokens": counted,
+            "token_ids": [llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) for text in request.get("texts", [])]}
 
 
 def quantize(source: str, target: str, ftype: int, pure: bool) -> None:

