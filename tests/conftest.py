@@ -62,6 +62,19 @@ def save_tiny_model(
     return folder
 
 
+def save_tiny_bpe_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer (GPT-2 style, what GGUF's ``gpt2`` model holds) trained offline on a few words."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"word{i} thing{i % 7} the cat sat on the mat {i}" for i in range(300)]
+    backend = ByteLevelBPETokenizer()
+    backend.train_from_iterator(words, vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend._tokenizer, bos_token="<|endoftext|>", eos_token="<|im_end|>")
+    tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    tokenizer.save_pretrained(folder)
+
+
 MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")  # what the real loaders are tested on
 MOE_HOST_ARCHS = (*MOE_ARCHS, "deepseek_v3")  # what the host is tested on
 

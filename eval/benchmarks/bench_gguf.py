@@ -1,6 +1,6 @@
 """llmquant's GGUF against llama.cpp's own quantizer, every row scored by llama.cpp itself.
 
-    python eval/benchmarks/bench_gguf.py --model smollm2|qwen2.5-coder-1.5b [--rows ROW,...] [--seed N]
+    python eval/benchmarks/bench_gguf.py --model smollm2|gemma3|qwen2.5-coder-1.5b [--rows ROW,...] [--seed N]
                                          [--llama-cpp-python PATH] [--redo] [--docs]
 
 (or ``python -m eval.benchmarks.bench_gguf ...``). llama.cpp's rows quantize llmquant's F16 GGUF of
@@ -172,8 +172,24 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
             ratio = f"{e['perplexity'] / base:.3f}" if base else "-"
             lines.append(f"| {row} | {e['perplexity']:.2f} | {ratio} | {spread} | {e['file_mb']:.1f} | "
                          f"{e['bits_per_weight']:.2f} | {_num(e.get('quantize_s'), 1)} |")
+        lines.append(_verdict(rows, seeds))
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
+
+
+def _verdict(rows: dict[str, Any], seeds: dict[str, Any]) -> str:
+    """One sentence: llmquant's GPTQ in Q4_0 blocks (mean over its seeds) against llama.cpp's own Q4_0 and Q4_K_M."""
+    if "gptq-q4_0" not in rows or "llama.cpp-q4_0" not in rows:
+        return ""
+    over = [rows["gptq-q4_0"]["perplexity"]] + [s["gptq-q4_0"]["perplexity"] for s in seeds.values() if "gptq-q4_0" in s]
+    ours, theirs = sum(over) / len(over), rows["llama.cpp-q4_0"]["perplexity"]
+    text = (f"\nllmquant GPTQ in Q4_0 ({'mean of ' + str(len(over)) + ' seeds, worst ' + f'{max(over):.2f}' if len(over) > 1 else '1 seed'}): "
+            f"{ours:.2f} against llama.cpp's own Q4_0 {theirs:.2f}, {100 * (1 - ours / theirs):.1f}% lower")
+    if "llama.cpp-q4_k_m" in rows:
+        k = rows["llama.cpp-q4_k_m"]
+        text += (f"; llama.cpp's Q4_K_M {k['perplexity']:.2f} at {k['bits_per_weight']:.2f} bits per weight against "
+                 f"{rows['gptq-q4_0']['bits_per_weight']:.2f}")
+    return text + "."
 
 
 def rebuild(root: Path = ROOT) -> None:
@@ -191,7 +207,7 @@ def rebuild(root: Path = ROOT) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2", help="smollm2, qwen2.5-coder-1.5b")
+    parser.add_argument("--model", default="smollm2", help="smollm2, gemma3, qwen2.5-coder-1.5b (comma-separated)")
     parser.add_argument("--rows", default="all", help=f"comma-separated: {', '.join(ROWS)}")
     parser.add_argument("--windows", type=int, help="WikiText-2 windows of 2048 tokens (default: the peers benchmark's)")
     parser.add_argument("--seed", type=int, default=0, help="calibration seed of the GPTQ rows; 0 is the table's")

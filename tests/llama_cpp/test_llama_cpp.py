@@ -162,3 +162,34 @@ def test_openai_server_serves_a_completion(outputs: Path, tmp_path: Path) -> Non
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
+def test_llama_cpp_computes_tiny_models_of_each_architecture_as_llmquant(arch: str, tmp_path: Path) -> None:
+    """Layout checks no real model here covers alone: Llama's rope order, Qwen2's q/k/v biases (made non-zero),
+    Gemma-3's +1 norms and sliding window (16 tokens, shorter than the prompts). 8-bit codes, so the only
+    difference left is llama.cpp's 8-bit activations."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from conftest import save_tiny_bpe_tokenizer, save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "m", arch, layers=6 if arch == "gemma3_text" else 2, vocab=512)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    save_tiny_bpe_tokenizer(folder)
+    config = json.loads((folder / "config.json").read_text())
+    if arch == "gemma3_text":  # llama.cpp scales queries by 1/sqrt(head_dim)
+        (folder / "config.json").write_text(json.dumps({**config, "query_pre_attn_scalar": config["head_dim"]}))
+    shard = next(folder.glob("*.safetensors"))
+    tensors = load_file(shard)
+    generator = torch.Generator().manual_seed(0)
+    for key in [k for k in tensors if k.endswith(".bias") or k.endswith("norm.weight")]:
+        tensors[key] = tensors[key] + 0.1 * torch.randn(tensors[key].shape, generator=generator)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    out = tmp_path / "out"
+    quantize(folder, out, {"format": "gguf", "gguf_type": "q8_0", "bits": 8, "group_size": 32})
+    (check,) = verify_output(out, loaders=("llama.cpp",), llama_cpp=LLAMA_PYTHON)
+    _record(f"tiny-{arch}", check.to_dict())
+    assert check.status == "ok", check.message
+    assert check.kl_mean < 1e-3 and check.max_abs_delta_logprob < 0.1, check.to_dict()

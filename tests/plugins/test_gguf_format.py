@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import save_tiny_model
+from conftest import save_tiny_bpe_tokenizer, save_tiny_model
 from llmquant.api import quantize
 from llmquant.errors import CheckpointError, ConfigError
 from llmquant.plugins import Plugins
@@ -25,19 +25,6 @@ gguf = pytest.importorskip("gguf")
 
 LINEARS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
            "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-
-
-def save_tiny_bpe_tokenizer(folder: Path) -> None:
-    """A byte-level BPE tokenizer (GPT-2 style, what GGUF's ``gpt2`` model holds) trained offline on a few words."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    words = [f"word{i} thing{i % 7} the cat sat on the mat {i}" for i in range(300)]
-    backend = ByteLevelBPETokenizer()
-    backend.train_from_iterator(words, vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend._tokenizer, bos_token="<|endoftext|>", eos_token="<|im_end|>")
-    tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    tokenizer.save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")

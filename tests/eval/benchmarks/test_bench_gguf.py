@@ -20,6 +20,7 @@ def test_every_row_of_the_table_is_a_known_row_in_the_drivers_order() -> None:
     assert [line.split(" | ")[0][2:] for line in lines] == ["f16", "llama.cpp-q4_0", "gptq-q4_0"]
     assert "| llama.cpp-q4_0 | 25.00 | 1.250 | - | 91.7 | 5.46 | 0.8 |" in table
     assert "| gptq-q4_0 | 23.00 | 1.150 | 23.50 (23.00-24.00, 2 seeds) | 91.7 | 5.46 | 60.0 |" in table
+    assert "llmquant GPTQ in Q4_0 (mean of 2 seeds, worst 24.00): 23.50 against llama.cpp's own Q4_0 25.00, 6.0% lower." in table
     assert set(ROWS) >= {"llama.cpp-q4_0", "llama.cpp-q4_k_m", "llama.cpp-q4_k_m-pure", "gptq-q4_0", "gptq-q4_k"}
 
 
