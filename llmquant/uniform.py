@@ -146,6 +146,9 @@ def grid_scales(scale: Tensor, groups_per_block: int, levels: int) -> Tensor:
     d = (runs.amax(dim=2, keepdim=True) / levels).to(torch.float16).float()
     k = torch.where(d > 0, runs / torch.where(d > 0, d, 1.0), 0.0).round().clamp(0, levels)
     k = torch.where((runs > 0) & (k == 0), 1.0, k)
+    # the largest is exactly `levels` even where float16 rounded d up (subnormal steps, under 6e-5, round by up to 1%),
+    # so that d is the largest scale / levels, as readers of the blocks recover it
+    k = torch.where((runs == runs.amax(dim=2, keepdim=True)) & (d > 0), float(levels), k)
     return (d * k).reshape(out_features, groups)
 
 

@@ -138,3 +138,14 @@ def test_k_quants_refuse_scales_off_their_grid() -> None:
         encode_kquant(off_grid, KQUANTS["q4_k"])
     with pytest.raises(ShapeError, match="multiple of 256"):
         encode_kquant(minmax_quantize(torch.randn(4, 128), 4, 32, True, (128, 63)), KQUANTS["q4_k"])
+
+
+def test_k_quant_grid_holds_subnormal_float16_steps() -> None:
+    """Tiny scales put d among float16's subnormals, where rounding can raise d by ~1%: the largest
+    multiplier must still be the top level, so the blocks encode (found on Qwen2.5's output head)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 512, generator=generator) * torch.logspace(-5, -2, 64).unsqueeze(1)
+    for kind in ("q4_k", "q6_k"):
+        spec = KQUANTS[kind]
+        result = minmax_quantize(weight, spec.bits, spec.group, True, spec.grid)
+        encode_kquant(result, spec)  # raises when a scale is off the grid
