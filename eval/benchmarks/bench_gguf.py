@@ -59,12 +59,14 @@ def calibrated(row: str) -> bool:
     return ROWS[row][0] == "llmquant" and ROWS[row][1].get("algo") == "gptq"
 
 
-def quantize_row(row: str, out: Path, model: Path, f16: Path, python: str, seed: int) -> float:
-    """Write the row's model.gguf under `out`; return the seconds it took."""
+def quantize_row(row: str, out: Path, model: Path, f16: Path, python: str, seed: int, resume: bool = False) -> float:
+    """Write the row's model.gguf under `out` (`resume`: continue an interrupted llmquant run there); return the
+    seconds it took."""
     from eval.benchmarks.real_models import wiki_extracts
 
     tool, settings = ROWS[row]
-    shutil.rmtree(out, ignore_errors=True)
+    if not resume:
+        shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     if tool == "llama.cpp":
         out.mkdir(parents=True)
@@ -79,6 +81,7 @@ def quantize_row(row: str, out: Path, model: Path, f16: Path, python: str, seed:
         args += ["--algo", settings.get("algo", "rtn"), "--gguf-type", settings["gguf_type"], "--group-size", "32"]
         args += [f"--ignore={p}" for p in settings.get("ignore", [])]
         args += ["--gguf-embedding-type", settings["gguf_embedding_type"]] if "gguf_embedding_type" in settings else []
+    args += ["--resume"] if resume else []
     if calibrated(row):
         args += ["--calib", wiki_extracts(), "--calib-samples", str(CALIB_SAMPLES), "--calib-seqlen", str(CALIB_SEQLEN),
                  "--seed", str(seed)]
@@ -130,9 +133,10 @@ def run_model(name: str, args: argparse.Namespace) -> None:
             print(f"{name} {row}: kept {table[row]}", flush=True)
             continue
         out = f16 if row == "f16" else work / (row if args.seed == 0 else f"{row}-seed{args.seed}")
-        seconds = quantize_row(row, out, model, f16, args.llama_cpp_python, args.seed) if row != "f16" else None
+        resume = args.resume and ROWS[row][0] == "llmquant"
+        seconds = quantize_row(row, out, model, f16, args.llama_cpp_python, args.seed, resume) if row != "f16" else None
         size = (out / "model.gguf").stat().st_size
-        entry = {"quantize_s": seconds, "file_mb": size / 1e6, "bits_per_weight": 8 * size / params,
+        entry = {"quantize_s": None if resume else seconds, **({"resumed": True} if resume else {}), "file_mb": size / 1e6, "bits_per_weight": 8 * size / params,
                  **score(out / "model.gguf", windows, args.llama_cpp_python)}
         table[row] = entry
         path.write_text(json.dumps(results, indent=2) + "\n")
@@ -214,6 +218,8 @@ def main() -> None:
     parser.add_argument("--llama-cpp-python", default=os.environ.get("LLMQUANT_LLAMA_CPP_PYTHON", "/work/llama-venv/bin/python"))
     parser.add_argument("--work", default="/tmp/llmquant-bench-gguf")
     parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue interrupted llmquant runs of the rows (their time is then not recorded)")
     parser.add_argument("--docs", action="store_true", help="only rebuild the docs section from the results")
     args = parser.parse_args()
     if not args.docs:

@@ -32,3 +32,18 @@ def test_the_docs_section_is_rebuilt_from_the_results(tmp_path: Path) -> None:
     rebuild(tmp_path)
     doc = (tmp_path / "docs/benchmarks.md").read_text()
     assert doc.startswith(f"before\n{START}\n#### smollm2") and doc.endswith(f"{END}\nafter\n") and "old" not in doc
+
+
+def test_a_resumed_row_keeps_its_partial_run_and_passes_resume(tmp_path: Path, monkeypatch) -> None:
+    import subprocess
+
+    from eval.benchmarks import bench_gguf
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: calls.append(args) or subprocess.CompletedProcess(args, 0, "", ""))
+    out = tmp_path / "rtn-q4_0"
+    (out / "kept").mkdir(parents=True)
+    bench_gguf.quantize_row("rtn-q4_0", out, tmp_path, tmp_path, "python", 0, resume=True)
+    assert (out / "kept").exists() and "--resume" in calls[-1]
+    bench_gguf.quantize_row("rtn-q4_0", out, tmp_path, tmp_path, "python", 0)
+    assert not out.exists() and "--resume" not in calls[-1]
