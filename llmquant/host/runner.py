@@ -189,7 +189,6 @@ def quantize_checkpoint(
             records = _assemble(job, partial, tmp)
         except OSError as exc:
             raise disk_full_error(exc, tmp) from exc
-        partial.finish()
         provenance = {
             **origin_of(source),
             "algorithm": {"name": entry.name, "distribution": entry.plugin.distribution, "version": entry.plugin.version,
@@ -202,6 +201,7 @@ def quantize_checkpoint(
         finish = getattr(fmt, "finish", None)
         if finish is not None:  # a format whose files are not the shards (GGUF) converts the finished folder
             finish(tmp, records)
+        partial.finish()  # only now: a format's finish that fails leaves every block resumable
     report = QuantizeReport(output, source, fmt.name, records, checkpoint.total_bytes, folder.size(), time.perf_counter() - start)
     log.info("quantized %d weight matrices into %s in %.1f s", report.quantized, output, report.seconds)
     warn_float_share(report)

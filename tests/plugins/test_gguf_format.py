@@ -234,6 +234,30 @@ def test_cli_flags_and_a_killed_run_resumed_give_the_same_file(llama_bpe: Path, 
     assert digest(out) == digest(q4_0)
 
 
+def test_a_run_whose_gguf_writing_fails_resumes_without_requantizing(llama_bpe: Path, tmp_path: Path, q4_0: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resume state outlives the format's finish step: a failure while writing model.gguf (found when Qwen2.5's
+    head failed to encode after a 40-minute GPTQ run) loses no block, and --resume gives the same file."""
+    import llmquant.io.gguf_model as gguf_model
+    from llmquant.host import runner
+
+    out = tmp_path / "out"
+    write = gguf_model.write_gguf
+    monkeypatch.setattr("llmquant_plugins.gguf_format.write_gguf", lambda *a, **k: (_ for _ in ()).throw(ValueError("boom")))
+    with pytest.raises(ValueError, match="boom"):
+        quantize(llama_bpe, out, {"format": "gguf", "gguf_type": "q4_0", "group_size": 32})
+    partial = next(tmp_path.glob(".out*partial*"))
+    assert len(list((partial / "blocks").iterdir())) >= 2
+    monkeypatch.setattr("llmquant_plugins.gguf_format.write_gguf", write)
+    quantized = []
+    quantize_blocks = runner._quantize_blocks
+    monkeypatch.setattr(runner, "_quantize_blocks", lambda job, cal, part, start: quantized.append(start) or
+                        quantize_blocks(job, cal, part, start))
+    quantize(llama_bpe, out, {"format": "gguf", "gguf_type": "q4_0", "group_size": 32}, resume=True)
+    assert quantized == [2]  # both blocks were done: nothing quantized again
+    assert (out / "model.gguf").read_bytes() == (q4_0 / "model.gguf").read_bytes()
+
+
 def test_q4_k_holds_the_algorithms_grid_codes_and_falls_back_where_rows_do_not_fill_super_blocks(
         llama_bpe: Path, tmp_path: Path, pm: Plugins) -> None:
     from safetensors.torch import load_file
