@@ -75,6 +75,29 @@ def save_tiny_bpe_tokenizer(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def save_tiny_bpe_model(folder: Path, arch: str = "llama", **kw: Any) -> Path:
+    """`save_tiny_model` with a byte-level BPE tokenizer instead (what GGUF's ``gpt2`` vocabulary holds); Gemma-3's
+    query scale set to 1/sqrt(head_dim), the one llama.cpp uses."""
+    save_tiny_model(folder, arch, **kw)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    save_tiny_bpe_tokenizer(folder)
+    if arch == "gemma3_text":
+        import json
+
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "query_pre_attn_scalar": config["head_dim"]}))
+    return folder
+
+
+def require_real_model(module: str, install: str) -> None:
+    """Skip the calling test module without the package that ships a real model; in CI its absence is an error."""
+    if importlib.util.find_spec(module) is None:
+        if in_ci():
+            raise RuntimeError(f"CI must install the real model: {install}")
+        pytest.skip(f"needs `{install}`", allow_module_level=True)
+
+
 MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")  # what the real loaders are tested on
 MOE_HOST_ARCHS = (*MOE_ARCHS, "deepseek_v3")  # what the host is tested on
 

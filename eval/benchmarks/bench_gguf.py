@@ -187,8 +187,9 @@ def _verdict(rows: dict[str, Any], seeds: dict[str, Any]) -> str:
         return ""
     over = [rows["gptq-q4_0"]["perplexity"]] + [s["gptq-q4_0"]["perplexity"] for s in seeds.values() if "gptq-q4_0" in s]
     ours, theirs = sum(over) / len(over), rows["llama.cpp-q4_0"]["perplexity"]
-    text = (f"\nllmquant GPTQ in Q4_0 ({'mean of ' + str(len(over)) + ' seeds, worst ' + f'{max(over):.2f}' if len(over) > 1 else '1 seed'}): "
-            f"{ours:.2f} against llama.cpp's own Q4_0 {theirs:.2f}, {100 * (1 - ours / theirs):.1f}% lower")
+    seeds_text = f"mean of {len(over)} seeds, worst {max(over):.2f}" if len(over) > 1 else "1 seed"
+    text = (f"\nllmquant GPTQ in Q4_0 ({seeds_text}): {ours:.2f} against llama.cpp's own Q4_0 {theirs:.2f}, "
+            f"{100 * (1 - ours / theirs):.1f}% lower")
     if "llama.cpp-q4_k_m" in rows:
         k = rows["llama.cpp-q4_k_m"]
         text += (f"; llama.cpp's Q4_K_M {k['perplexity']:.2f} at {k['bits_per_weight']:.2f} bits per weight against "

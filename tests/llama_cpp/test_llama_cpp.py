@@ -172,15 +172,9 @@ def test_llama_cpp_computes_tiny_models_of_each_architecture_as_llmquant(arch: s
     import torch
     from safetensors.torch import load_file, save_file
 
-    from conftest import save_tiny_bpe_tokenizer, save_tiny_model
+    from conftest import save_tiny_bpe_model
 
-    folder = save_tiny_model(tmp_path / "m", arch, layers=6 if arch == "gemma3_text" else 2, vocab=512)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        (folder / name).unlink(missing_ok=True)
-    save_tiny_bpe_tokenizer(folder)
-    config = json.loads((folder / "config.json").read_text())
-    if arch == "gemma3_text":  # llama.cpp scales queries by 1/sqrt(head_dim)
-        (folder / "config.json").write_text(json.dumps({**config, "query_pre_attn_scalar": config["head_dim"]}))
+    folder = save_tiny_bpe_model(tmp_path / "m", arch, layers=6 if arch == "gemma3_text" else 2, vocab=512)
     shard = next(folder.glob("*.safetensors"))
     tensors = load_file(shard)
     generator = torch.Generator().manual_seed(0)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import save_tiny_bpe_tokenizer, save_tiny_model
+from conftest import save_tiny_bpe_model
 from llmquant.api import quantize
 from llmquant.errors import CheckpointError, ConfigError
 from llmquant.plugins import Plugins
@@ -29,11 +29,7 @@ LINEARS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_att
 
 @pytest.fixture(scope="module")
 def llama_bpe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = save_tiny_model(tmp_path_factory.mktemp("llama_bpe") / "m", vocab=512)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        (folder / name).unlink(missing_ok=True)
-    save_tiny_bpe_tokenizer(folder)
-    return folder
+    return save_tiny_bpe_model(tmp_path_factory.mktemp("llama_bpe") / "m", vocab=512)
 
 
 @pytest.fixture(scope="module")
@@ -159,13 +155,7 @@ def test_models_gguf_cannot_describe_are_refused_before_any_work(tiny_model_fact
 
 @pytest.fixture(scope="module")
 def gemma3_bpe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = save_tiny_model(tmp_path_factory.mktemp("gemma3_bpe") / "m", "gemma3_text", layers=6, vocab=512)
-    config = json.loads((folder / "config.json").read_text())  # llama.cpp scales queries by 1/sqrt(head_dim)
-    (folder / "config.json").write_text(json.dumps({**config, "query_pre_attn_scalar": config["head_dim"]}))
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        (folder / name).unlink(missing_ok=True)
-    save_tiny_bpe_tokenizer(folder)
-    return folder
+    return save_tiny_bpe_model(tmp_path_factory.mktemp("gemma3_bpe") / "m", "gemma3_text", layers=6, vocab=512)
 
 
 def test_gemma3_norms_carry_their_one_and_read_back_exactly(gemma3_bpe: Path, tmp_path: Path, pm: Plugins) -> None:

