@@ -24,7 +24,7 @@ from llmquant.errors import ConfigError, ShapeError
 from llmquant.formats import ModuleRecord, OutputFormat, quantizer_name
 from llmquant.io.gguf_blocks import BLOCK, LOSSLESS, decode_blocks, encode_blocks, fitting_types, uniform_fit
 from llmquant.io.gguf_kquants import KQUANTS, SUPER, decode_kquant, encode_kquant
-from llmquant.io.gguf_model import QUANTIZED_MARK, check_convertible, write_gguf
+from llmquant.io.gguf_model import EXPERT, QUANTIZED_MARK, check_convertible, write_gguf
 from llmquant.io.gguf_read import GGUFTensors
 
 __all__ = ["GGUFFormat", "GGUFOptions"]
@@ -71,6 +71,7 @@ class GGUFFormat:
 
     def __init__(self, options: GGUFOptions | None = None) -> None:
         self.options = options or GGUFOptions()
+        self.expert_types: dict[tuple[str, str], tuple[str, str]] = {}  # (experts, projection) -> (type, first expert)
 
     def check_model(self, folder: Path) -> None:
         """Refuse, before any work, a model whose architecture, rope or tokenizer GGUF output does not cover."""
@@ -112,6 +113,7 @@ class GGUFFormat:
             raise ConfigError("desc_act", True, "false for GGUF (act-order scatters the groups over the inputs, and GGUF's "
                               "blocks are contiguous), or static_groups = true")
         kind = self.planned_type(shape[1], bits, symmetric)
+        self._check_expert_type(name, kind)
         codes = f"{bits}-bit {'symmetric' if symmetric else 'asymmetric'} codes"
         if self.options.gguf_type in KQUANTS and not symmetric:
             raise ConfigError("symmetric", False, f"true for {self.options.gguf_type} (K-quants hold symmetric codes; drop --asym)")
@@ -129,6 +131,16 @@ class GGUFFormat:
             fit = fitting_types(bits, symmetric)
             raise ConfigError("gguf_type", kind, f"a type that holds {codes}: {', '.join(fit) or 'none'}"
                               + (" (or --sym for q4_0)" if kind == "q4_0" and bits == 4 else ""))
+
+    def _check_expert_type(self, name: str, kind: str) -> None:
+        """GGUF holds a layer's experts of one projection in one tensor, of one type: refuse experts planned otherwise."""
+        expert = EXPERT.match(name)
+        if expert is None:
+            return
+        first_kind, first = self.expert_types.setdefault((expert["prefix"], expert["proj"]), (kind, name))
+        if kind != first_kind:
+            raise ConfigError("overrides", name, f"the same bits and type for every expert of {expert['prefix']}.N."
+                              f"{expert['proj']} ({first} is {first_kind}, this one {kind}): GGUF holds them in one tensor")
 
     def tensors(self, result: UniformQuantized, dtype: torch.dtype) -> dict[str, Tensor]:
         kind = self.planned_type(result.shape[1], result.bits, result.symmetric)

@@ -27,12 +27,13 @@ def pm() -> Plugins:
 
 
 BUILTIN_PLUGINS = ("rtn", "gptq", "nf4", "groupwise_int4", "gptq_format", "compressed_tensors_format", "bitsandbytes_format",
-                   "gguf_format")
+                   "gguf_format", "awq", "rotate")
 
 
 ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", {}),
     "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 32}),
     "gemma3_text": ("Gemma3TextConfig", {"head_dim": 32, "sliding_window": 16}),
     "opt": ("OPTConfig", {"ffn_dim": 256, "word_embed_proj_dim": 128, "do_layer_norm_before": True}),
 }
@@ -79,14 +80,26 @@ def save_tiny_bpe_model(folder: Path, arch: str = "llama", **kw: Any) -> Path:
     """`save_tiny_model` with a byte-level BPE tokenizer instead (what GGUF's ``gpt2`` vocabulary holds); Gemma-3's
     query scale set to 1/sqrt(head_dim), the one llama.cpp uses."""
     save_tiny_model(folder, arch, **kw)
+    return _with_bpe_tokenizer(folder, {"query_pre_attn_scalar": ARCHS[arch][1]["head_dim"]} if arch == "gemma3_text" else {})
+
+
+def save_tiny_bpe_moe(folder: Path, arch: str, **kw: Any) -> Path:
+    """`save_tiny_moe` with a byte-level BPE tokenizer; Qwen3-MoE's top-k weights renormalized, as in the released
+    models and as llama.cpp's qwen3moe computes them."""
+    save_tiny_moe(folder, arch, **kw)
+    return _with_bpe_tokenizer(folder, {"norm_topk_prob": True} if arch == "qwen3_moe" else {})
+
+
+def _with_bpe_tokenizer(folder: Path, config_changes: dict[str, Any]) -> Path:
+    """Replace a saved model's tokenizer with `save_tiny_bpe_tokenizer`'s and apply `config_changes` to its config."""
+    import json
+
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (folder / name).unlink(missing_ok=True)
     save_tiny_bpe_tokenizer(folder)
-    if arch == "gemma3_text":
-        import json
-
+    if config_changes:
         config = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**config, "query_pre_attn_scalar": config["head_dim"]}))
+        (folder / "config.json").write_text(json.dumps({**config, **config_changes}))
     return folder
 
 

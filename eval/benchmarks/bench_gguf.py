@@ -50,6 +50,7 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "groupwise-q4_0": ("llmquant", {"algo": "groupwise-int4", "gguf_type": "q4_0"}),
     "gptq-q4_0": ("llmquant", {"algo": "gptq", "gguf_type": "q4_0"}),
     "rtn-q4_k": ("llmquant", {"algo": "rtn", "gguf_type": "q4_k"}),
+    "groupwise-q4_k": ("llmquant", {"algo": "groupwise-int4", "gguf_type": "q4_k"}),
     "gptq-q4_k": ("llmquant", {"algo": "gptq", "gguf_type": "q4_k"}),
     "gptq-q4_k_m-recipe": ("llmquant", {"algo": "gptq", "config": "configs/gguf-q4_k_m.toml"}),
 }

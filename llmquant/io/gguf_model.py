@@ -6,20 +6,20 @@ module streams those shards, one tensor at a time, into ``model.gguf`` with llam
 hyperparameters and tokenizer, as llama.cpp's ``convert_hf_to_gguf.py`` would write them:
 
 - names through gguf-py's tensor map (``model.layers.0.self_attn.q_proj`` -> ``blk.0.attn_q``);
+- a mixture-of-experts layer's routed experts merged per projection into one 3-D tensor
+  (``...experts.{0..E-1}.w1`` -> ``blk.0.ffn_gate_exps``, ``(E, out, row bytes)``), routers in F32;
 - Llama's q/k rows permuted into llama.cpp's rope order (rows, so the blocks move whole);
   Gemma-3's norms stored with the 1 its RMSNorm adds (``x * (1 + w)`` -> ``w + 1``);
 - norms, biases and other 1-D tensors in F32; float 2-D tensors (a Linear kept in float) in F16;
   the embedding and output head in their own type (llama.cpp's choice by default);
-- the vocabulary padded to the embedding's rows: a byte-level BPE (GPT-2 style) as ``gpt2`` with
-  merges and ``tokenizer.ggml.pre`` identified by the same token-hash check llama.cpp uses; a
-  SentencePiece-style BPE (byte fallback) as ``llama`` with scores; special ids and the chat template.
+- the vocabulary padded to the embedding's rows (`llmquant.io.gguf_vocab`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,7 @@ from torch import Tensor
 from llmquant.errors import CheckpointError
 from llmquant.io.gguf_blocks import LOSSLESS
 from llmquant.io.gguf_kquants import KQUANTS, SUPER, encode_kquant
+from llmquant.io.gguf_vocab import add_tokenizer
 
 __all__ = ["ARCHITECTURES", "QUANTIZED_MARK", "check_convertible", "float_type", "gguf_tensor_name", "write_gguf"]
 
@@ -47,6 +48,8 @@ class Architecture:
     gguf_arch: str  # gguf.MODEL_ARCH member name
     permute_qk: bool  # Llama: q/k rows into llama.cpp's rope order
     norm_shift: float = 0.0  # added to every ``*norm.weight`` (Gemma's RMSNorm multiplies by 1 + w)
+    moe: bool = False  # routed experts, merged per projection
+    renormalized_topk: bool | None = None  # whether llama.cpp rescales the top-k routing weights (None: read from the file)
 
     def shifts(self, key: str) -> bool:
         return self.norm_shift != 0.0 and key.endswith("norm.weight")
@@ -56,26 +59,16 @@ ARCHITECTURES = {
     "llama": Architecture("LLAMA", permute_qk=True),
     "mistral": Architecture("LLAMA", permute_qk=True),
     "qwen2": Architecture("QWEN2", permute_qk=False),
+    "qwen3": Architecture("QWEN3", permute_qk=False),
+    "mixtral": Architecture("LLAMA", permute_qk=True, moe=True, renormalized_topk=True),
+    "qwen2_moe": Architecture("QWEN2MOE", permute_qk=False, moe=True, renormalized_topk=False),
+    "qwen3_moe": Architecture("QWEN3MOE", permute_qk=False, moe=True, renormalized_topk=True),
+    "deepseek_v3": Architecture("DEEPSEEK2", permute_qk=False, moe=True),
     "gemma3_text": Architecture("GEMMA3", permute_qk=False, norm_shift=1.0),
 }
 GEMMA3_SLIDING_THETA = 10000.0  # llama.cpp's fixed rope base of Gemma-3's sliding-window layers
 GEMMA3_PATTERN = 6  # llama.cpp's Gemma-3: every sixth layer attends globally
-
-# llama.cpp's pre-tokenizer check: the token ids of this text, hashed, name the pre-tokenizer
-# (convert_hf_to_gguf.py, get_vocab_base_pre; the hashes are llama.cpp's for these tokenizers).
-PRE_TOKENIZER_TEXT = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 "
-    "3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на "
-    "Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, "
-    "'D you like some tea? We'Ve a'lL"
-)
-PRE_TOKENIZERS = {
-    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
-    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
-    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
-    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
-}
-
+EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>[^.]+)$")  # a routed expert's projection
 
 def architecture_of(config: dict[str, Any]) -> Architecture:
     model_type = config.get("model_type", "?")
@@ -88,10 +81,12 @@ def architecture_of(config: dict[str, Any]) -> Architecture:
 def check_convertible(folder: Path) -> None:
     """Raise CheckpointError, before any work, when the model in `folder` cannot be written as GGUF here."""
     config = json.loads((folder / "config.json").read_text())
-    architecture_of(config)
+    arch = architecture_of(config)
     _rope_theta(config)
     if config.get("model_type") == "gemma3_text":
         _check_gemma3(config)
+    if arch.moe:
+        _check_moe(config, arch)
     tokenizer = folder / "tokenizer.json"
     model = json.loads(tokenizer.read_text()).get("model", {}) if tokenizer.exists() else {}
     if model.get("type") != "BPE":
@@ -119,6 +114,24 @@ def _check_gemma3(config: dict[str, Any]) -> None:
                               "does not read from GGUF; write gptq or compressed-tensors for it")
 
 
+def _check_moe(config: dict[str, Any], arch: Architecture) -> None:
+    """llama.cpp's MoE architectures fix the routing and put experts in every layer: refuse a model that differs."""
+    problems = []
+    renormalized = bool(config.get("norm_topk_prob", True))  # Mixtral always rescales its top-k weights
+    if arch.renormalized_topk is not None and renormalized != arch.renormalized_topk:
+        problems.append(f"norm_topk_prob {renormalized} (llama.cpp's {arch.gguf_arch.lower()} uses "
+                        f"{arch.renormalized_topk})")
+    if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1)) != 1:
+        problems.append("dense MLP layers between the expert layers (mlp_only_layers, decoder_sparse_step)")
+    if arch.gguf_arch == "QWEN2MOE" and config.get("tie_word_embeddings"):
+        problems.append("a tied output head (llama.cpp's qwen2moe requires its own)")
+    if arch.gguf_arch == "DEEPSEEK2" and not config.get("rope_interleave", True):
+        problems.append("rope_interleave false (llama.cpp's deepseek2 rotates interleaved pairs)")
+    if problems:
+        raise CheckpointError(f"this {config.get('model_type')} model has {', '.join(problems)}, which llama.cpp does not "
+                              "read from GGUF; write gptq or compressed-tensors for it")
+
+
 def _rope_theta(config: dict[str, Any]) -> float:
     """The rope base (of the global layers, for models with per-layer-type ropes); refuses rope scaling."""
     rope = config.get("rope_parameters") or {}
@@ -134,11 +147,17 @@ def _rope_theta(config: dict[str, Any]) -> float:
     return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
+def expert_count(config: dict[str, Any]) -> int:
+    """The routed experts per MoE layer (0 for a dense model)."""
+    return int(config.get("num_local_experts") or config.get("num_experts") or config.get("n_routed_experts") or 0)
+
+
 def gguf_tensor_name(key: str, n_blocks: int, arch: Architecture) -> str:
     """Return llama.cpp's name for the checkpoint tensor `key` (``model.norm.weight`` -> ``output_norm.weight``)."""
     import gguf
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch], n_blocks)
+    key = key.replace("e_score_correction_bias", "e_score_correction.bias")  # DeepSeek-V3's routing bias: exp_probs_b
     name = name_map.get_name(key, try_suffixes=(".weight", ".bias"))
     if name is None:
         raise CheckpointError(f"{key}: no llama.cpp tensor name for it in the {arch.gguf_arch.lower()} architecture")
@@ -147,8 +166,9 @@ def gguf_tensor_name(key: str, n_blocks: int, arch: Architecture) -> str:
 
 def float_type(name: str, shape: tuple[int, ...], tied: bool, base: str) -> str:
     """llama.cpp's type for a float tensor: the output head (or a tied embedding) Q6_K, or Q8_0 when its rows
-    do not fill 256-element super-blocks; an untied embedding the base type; other 2-D tensors F16; 1-D F32."""
-    if len(shape) < 2:
+    do not fill 256-element super-blocks; an untied embedding the base type; other 2-D tensors F16; 1-D tensors
+    and MoE routers (``ffn_gate_inp``, ``ffn_gate_inp_shexp``) F32."""
+    if len(shape) < 2 or ".ffn_gate_inp" in name:
         return "f32"
     if name == "output.weight" or (tied and name == "token_embd.weight"):
         return "q8_0" if shape[-1] % 256 else "q6_k"
@@ -212,13 +232,12 @@ class _Shards:
 
 @dataclass(frozen=True)
 class _Entry:
-    """One tensor of the output: where it is in the shards, its llama.cpp name and the type it is written as."""
+    """One tensor of the output: its parts in the shards (one tensor, or a MoE projection's experts in order), its
+    llama.cpp name, the type it is written as and its shape in elements (experts: ``(E, out, in)``)."""
 
-    key: str
-    handle: Any
+    parts: tuple[tuple[str, Any, bool], ...]  # (key, handle, quantized): block rows the format wrote, or a float tensor
     name: str
     kind: str  # f32, f16 or a block type
-    quantized: bool  # block rows the format already wrote; otherwise a float tensor to encode
     shape: tuple[int, ...]
 
 
@@ -241,49 +260,107 @@ def write_gguf(folder: Path, target: Path, *, embedding_type: str, base_type: st
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_hyperparameters(writer, config, arch)
-    _add_tokenizer(writer, folder, int(config["vocab_size"]))
+    add_tokenizer(writer, folder, int(config["vocab_size"]))
     entries = _plan(_Shards(folder), config, arch, embedding_type, base_type)
     for entry in entries:  # the header lists every tensor before the first byte of data
-        raw = None if entry.kind in ("f32", "f16") else gguf.GGMLQuantizationType[entry.kind.upper()]
-        if entry.quantized:
-            writer.add_tensor_info(entry.name, entry.shape, np.dtype(np.uint8), int(np.prod(entry.shape)), raw_dtype=raw)
-        elif raw is None:
+        if entry.kind in ("f32", "f16"):
             dtype = np.dtype(np.float32 if entry.kind == "f32" else np.float16)
             writer.add_tensor_info(entry.name, entry.shape, dtype, int(np.prod(entry.shape)) * dtype.itemsize)
         else:
             writer.add_tensor_info(entry.name, _byte_shape(entry.shape, entry.kind), np.dtype(np.uint8),
-                                   _byte_size(entry.shape, entry.kind), raw_dtype=raw)
+                                   _byte_size(entry.shape, entry.kind), raw_dtype=gguf.GGMLQuantizationType[entry.kind.upper()])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     heads = {"attn_q": int(config["num_attention_heads"]),
              "attn_k": int(config.get("num_key_value_heads") or config["num_attention_heads"])}
     for entry in entries:
-        tensor = entry.handle.get_tensor(entry.key)
-        role = entry.name.split(".")[-2]
-        if arch.permute_qk and role in heads and entry.name.endswith(".weight"):
-            tensor = _permute_rows(tensor, heads[role])
-        if arch.shifts(entry.key):
-            tensor = tensor.float() + arch.norm_shift
-        writer.write_tensor_data(tensor.contiguous().numpy() if entry.quantized else _encode_float(tensor, entry.kind)[0])
+        arrays = [_part_data(key, handle, quantized, entry, arch, heads) for key, handle, quantized in entry.parts]
+        writer.write_tensor_data(arrays[0] if len(arrays) == 1 else np.stack(arrays))
     writer.close()
 
 
+def _part_data(key: str, handle: Any, quantized: bool, entry: _Entry, arch: Architecture,
+               heads: dict[str, int]) -> np.ndarray[Any, Any]:
+    """One part of `entry` as written: block rows as they are, a float tensor encoded as the entry's type."""
+    tensor = handle.get_tensor(key)
+    role = entry.name.split(".")[-2]
+    if arch.permute_qk and role in heads and entry.name.endswith(".weight"):
+        tensor = _permute_rows(tensor, heads[role])
+    if arch.shifts(key):
+        tensor = tensor.float() + arch.norm_shift
+    return tensor.contiguous().numpy() if quantized else _encode_float(tensor, entry.kind)[0]
+
+
 def _plan(shards: _Shards, config: dict[str, Any], arch: Architecture, embedding_type: str, base_type: str) -> list[_Entry]:
-    """Every tensor of the shards with its llama.cpp name and type, in the shards' order."""
+    """Every tensor of the output with its llama.cpp name and type, in the shards' order (a layer's merged experts where
+    its first expert is)."""
+    import gguf
+
     n_blocks = int(config["num_hidden_layers"])
     tied = bool(config.get("tie_word_embeddings", False))
-    entries = []
+    planned: list[_Entry | str] = []
+    experts: dict[str, list[tuple[int, str, Any, str, tuple[int, ...]]]] = {}  # merged name -> its experts' parts
     for key, handle in shards:
         module, mark, kind = key.partition(QUANTIZED_MARK)
-        name = gguf_tensor_name(module + ".weight" if mark else key, n_blocks, arch)
         shape = shards.shape(key, handle)
+        if mark:
+            shape = tuple(gguf.quant_shape_from_byte_shape(shape, gguf.GGMLQuantizationType[kind.upper()]))
+        expert = EXPERT.match(module if mark else key.removesuffix(".weight")) if mark or key.endswith(".weight") else None
+        if expert:
+            name = gguf_tensor_name(f"{expert['prefix']}.{expert['proj']}.weight", n_blocks, arch)
+            if name not in experts:
+                planned.append(name)
+            experts.setdefault(name, []).append((int(expert["expert"]), key, handle, kind, shape))
+            continue
+        name = gguf_tensor_name(module + ".weight" if mark else key, n_blocks, arch)
         if not mark:
             kind = float_type(name, shape, tied, base_type)
             if embedding_type != "auto" and name in ("token_embd.weight", "output.weight"):
                 kind = embedding_type
-        entries.append(_Entry(key, handle, name, kind, bool(mark), shape))
-    return entries
+        planned.append(_Entry(((key, handle, bool(mark)),), name, kind, shape))
+    count = expert_count(config)
+    return [e if isinstance(e, _Entry) else _merge_experts(e, experts[e], count) for e in planned]
+
+
+def _merge_experts(name: str, parts: list[tuple[int, str, Any, str, tuple[int, ...]]], count: int) -> _Entry:
+    """The `count` experts of one projection as one tensor ``(E, out, in)`` of one type: their block type, F16 when all
+    are float (experts left in float beside quantized ones are rounded to the type, with a warning)."""
+    parts = sorted(parts, key=lambda part: part[0])
+    if [part[0] for part in parts] != list(range(count)):
+        raise CheckpointError(f"{name}: the output holds {len(parts)} of the layer's {count} experts; GGUF keeps a "
+                              "layer's experts in one tensor, so every expert must be written")
+    kinds = sorted({kind for *_, kind, _ in parts if kind})
+    shapes = {shape for *_, shape in parts}
+    if len(kinds) > 1 or len(shapes) > 1:
+        raise CheckpointError(f"{name}: its experts were written as {', '.join(kinds) or 'float'} with shapes "
+                              f"{sorted(shapes)}; a GGUF tensor holds one type, so give every expert of a projection the "
+                              "same bits and group size")
+    kind = kinds[0] if kinds else "f16"
+    left = sum(1 for *_, k, _ in parts if not k)
+    if kinds and left:
+        log.warning("%s: %d experts left in float are written as %s by round-to-nearest (a GGUF tensor holds one type)",
+                    name, left, kind.upper())
+    return _Entry(tuple((key, handle, bool(k)) for _, key, handle, k, _ in parts), name, kind, (count, *shapes.pop()))
+
+
+def _add_deepseek(writer: Any, config: dict[str, Any]) -> None:
+    """DeepSeek-V3 as llama.cpp's deepseek2 without absorbed MLA (``attn_kv_b`` whole): latent ranks, head widths, the
+    leading dense layers, and the routing (sigmoid scores, expert groups, the weights' norm and scale)."""
+    import gguf
+
+    writer.add_leading_dense_block_count(int(config.get("first_k_dense_replace", 0)))
+    if config.get("q_lora_rank"):
+        writer.add_q_lora_rank(int(config["q_lora_rank"]))
+    writer.add_kv_lora_rank(int(config["kv_lora_rank"]))
+    writer.add_key_length(int(config["qk_nope_head_dim"]) + int(config["qk_rope_head_dim"]))
+    writer.add_value_length(int(config["v_head_dim"]))
+    writer.add_expert_shared_count(int(config.get("n_shared_experts") or 0))
+    writer.add_expert_weights_scale(float(config.get("routed_scaling_factor", 1.0)))
+    writer.add_expert_weights_norm(bool(config.get("norm_topk_prob", True)))
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    writer.add_expert_group_count(int(config.get("n_group") or 1))
+    writer.add_expert_group_used_count(int(config.get("topk_group") or 1))
 
 
 def _byte_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
@@ -294,7 +371,7 @@ def _byte_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
 
 def _add_hyperparameters(writer: Any, config: dict[str, Any], arch: Architecture) -> None:
     """The keys llama.cpp's converter writes for the architecture (Gemma-3: no vocab size or rope dimensions, always
-    key/value lengths, the sliding window)."""
+    key/value lengths, the sliding window; MoE: expert counts and widths)."""
     heads = int(config["num_attention_heads"])
     head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
     gemma = arch.gguf_arch == "GEMMA3"
@@ -313,89 +390,15 @@ def _add_hyperparameters(writer: Any, config: dict[str, Any], arch: Architecture
     else:
         writer.add_vocab_size(int(config["vocab_size"]))
         writer.add_rope_dimension_count(head_dim)
-    if gemma or head_dim != int(config["hidden_size"]) // heads:
+    if arch.gguf_arch == "DEEPSEEK2":
+        _add_deepseek(writer, config)
+    elif gemma or head_dim != int(config["hidden_size"]) // heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-
-
-def _add_tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
-    """The vocabulary as llama.cpp's converter writes it, padded to the embedding's rows: ``gpt2`` (byte-level BPE,
-    with merges and ``pre``) or ``llama`` (SentencePiece-style BPE with byte fallback, with scores)."""
-    import gguf
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    spec = json.loads((folder / "tokenizer.json").read_text())
-    sentencepiece = bool(spec["model"].get("byte_fallback"))
-    vocab = tokenizer.get_vocab()
-    reverse = {i: token for token, i in vocab.items()}
-    added = tokenizer.get_added_vocab()
-    decoder = tokenizer.added_tokens_decoder
-    tokens, types, scores = [], [], []
-    normal = 0
-    for i in range(vocab_size):
-        if i not in reverse:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-            scores.append(-1000.0)
-            continue
-        token = reverse[i]
-        if token in added:
-            special = decoder[i].special or _looks_special(token)
-            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
-        elif sentencepiece and _is_byte_token(token):
-            types.append(gguf.TokenType.BYTE)
-        elif sentencepiece and len(token) > 1 and token.strip("\u2581") == "":
-            # SentencePiece learns "▁" only as a piece's first character: a run of them is a user-defined symbol,
-            # which llama.cpp matches in the raw text, so it is written with spaces (as llama.cpp's converter does)
-            types.append(gguf.TokenType.USER_DEFINED)
-            token = token.replace("\u2581", " ")
-        else:
-            types.append(gguf.TokenType.NORMAL)
-        # SentencePiece's BPE pieces are numbered in merge order: score = -rank keeps llama.cpp's merge priority
-        scores.append(-float(normal) if types[-1] == gguf.TokenType.NORMAL else
-                      0.0 if types[-1] == gguf.TokenType.BYTE else -1000.0)
-        normal += types[-1] == gguf.TokenType.NORMAL
-        tokens.append(token)
-    writer.add_tokenizer_model("llama" if sentencepiece else "gpt2")
-    writer.add_tokenizer_pre("default" if sentencepiece else _pre_tokenizer(tokenizer))
-    writer.add_token_list(tokens)
-    if sentencepiece:
-        writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    if sentencepiece:
-        writer.add_add_space_prefix(_prepends_space(spec))
-    vocab_specials = gguf.SpecialVocab(folder, load_merges=not sentencepiece, n_vocab=len(tokens))
-    # what the tokenizer does, not what its config may leave unsaid (SmolLM2 and Qwen2 add no BOS, Gemma-3 does)
-    ids = tokenizer("a").input_ids
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    vocab_specials.add_special_token["bos"] = bos is not None and ids[:1] == [bos]
-    if sentencepiece:
-        vocab_specials.add_special_token["sep"] = False
-        vocab_specials.add_special_token["eos"] = eos is not None and ids[-1:] == [eos]
-    vocab_specials.add_to_gguf(writer)
-
-
-def _is_byte_token(token: str) -> bool:
-    return len(token) == 6 and token.startswith("<0x") and token.endswith(">")
-
-
-def _prepends_space(spec: dict[str, Any]) -> bool:
-    """Whether a SentencePiece-style tokenizer.json puts "▁" before the text (Llama-2, Mistral; not Gemma)."""
-    text = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")])
-    return '"Prepend"' in text or '"prepend_scheme": "always"' in text or '"prepend_scheme": "first"' in text
-
-
-def _looks_special(token: str) -> bool:
-    return token in ("<pad>", "<mask>") or (token.startswith("<|") and token.endswith("|>")) or \
-        (token.startswith("<unused") and token.endswith(">"))
-
-
-def _pre_tokenizer(tokenizer: Any) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenizer, from the hash of its ids for a fixed text."""
-    digest = hashlib.sha256(str(tokenizer.encode(PRE_TOKENIZER_TEXT)).encode()).hexdigest()
-    if digest not in PRE_TOKENIZERS:
-        log.warning("the tokenizer's pre-tokenizer (hash %s) is not one llama.cpp knows by name here: wrote "
-                    "tokenizer.ggml.pre = default, and llama.cpp may split text differently from transformers", digest[:12])
-        return "default"
-    return PRE_TOKENIZERS[digest]
+    if expert_count(config):  # llama.cpp's MoE keys: a routed expert's width, and the shared expert's
+        writer.add_expert_count(expert_count(config))
+        writer.add_expert_used_count(int(config["num_experts_per_tok"]))
+        if config.get("moe_intermediate_size"):
+            writer.add_expert_feed_forward_length(int(config["moe_intermediate_size"]))
+        if config.get("shared_expert_intermediate_size"):
+            writer.add_expert_shared_feed_forward_length(int(config["shared_expert_intermediate_size"]))
