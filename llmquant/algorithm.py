@@ -139,10 +139,14 @@ class CalibrationStats:
     Attributes:
         H: (in, in) float32, ``2/n * sum(x x^T)`` over the n calibration tokens (GPTQ's Hessian).
         nsamples: number of tokens accumulated into `H`.
+        dXXT: (in, in) float32, ``2/n * sum((x_float - x) x^T)``, where ``x_float`` is the layer's input
+            in the float model and ``x`` its input in the model quantized so far (GPTAQ's asymmetric
+            term); only for algorithms whose ``wants_float_inputs(config)`` is true, else None.
     """
 
     H: Tensor
     nsamples: int
+    dXXT: Tensor | None = None
 
 
 @runtime_checkable
@@ -157,6 +161,10 @@ class Algorithm(Protocol):
         result_type: `UniformQuantized` or `CodebookQuantized`; formats declare which they accept.
         needs_calibration: when True the host collects `CalibrationStats` for every layer and
             refuses to run without calibration data.
+
+    Optional class method:
+        wants_float_inputs(config) -> bool: when true for a module's config, the host also runs
+            the float model alongside the quantized one and fills `CalibrationStats.dXXT` (GPTAQ).
     """
 
     name: ClassVar[str]

@@ -43,7 +43,9 @@ def quantize(
     settings = dict(settings or {})
     entry = plugins.algorithm(str(settings.get("algo", "rtn")))
     fmt = plugins.format_for(str(settings.get("format", "auto")), entry.cls.result_type, entry.name)
+    names = settings.get("transforms", ())
+    transforms = [plugins.transform(str(n)).cls.config_type for n in ([names] if isinstance(names, str) else names)]
     config, algo_config = resolve_config(settings, entry.cls.config_type, where=where,
-                                         format_options=getattr(fmt.cls, "options_type", None))
+                                         format_options=getattr(fmt.cls, "options_type", None), transform_types=transforms)
     source = resolve_model(model)
     return quantize_checkpoint(source, Path(output), config, algo_config, plugins, overwrite=overwrite, resume=resume)

@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--asym", dest="symmetric", action="store_false", default=None, help="fit a zero point per group")
     sym.add_argument("--sym", dest="symmetric", action="store_true", help="zero fixed at the middle code (default)")
+    q.add_argument("--transform", action="append", metavar="NAME",
+                   help="block transform applied before quantizing, repeatable, in order: awq (needs --calib), rotate "
+                        "(see `llmquant transforms`; settings with --param, e.g. --param awq_grid=10)")
     q.add_argument("--ignore", action="append", metavar="REGEX", help="keep Linears whose name matches in float (repeatable)")
     q.add_argument("--dtype", help="dtype of unquantized tensors: auto (keep), float16, bfloat16, float32")
     q.add_argument("--max-shard-size", help="largest output safetensors file, e.g. 2GB (default 2GB)")
@@ -95,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="visit columns in index order instead of whole groups by importance")
     g.add_argument("--mse", action=argparse.BooleanOptionalAction, default=None,
                    help="search each group's clipping ratio for the lowest error (default off: plain min-max)")
+    g.add_argument("--gptaq", action="store_true", default=None,
+                   help="fit each layer to the float model's output on the float model's inputs (GPTAQ; runs the float model "
+                        "alongside, replay mode, about twice the forward compute)")
+    g.add_argument("--gptaq-alpha", type=float, help="with --gptaq: share of the asymmetric correction, 0..1 (default 0.25)")
     g.add_argument("--mse-weight", choices=["hessian", "none"],
                    help="weigh each column's error in that search as GPTQ's objective does (hessian, default) or not (none)")
     n = q.add_argument_group("nf4")
@@ -154,6 +161,8 @@ def _parser() -> argparse.ArgumentParser:
     f = commands.add_parser("formats", help="list installed output formats and the results they store")
     f.add_argument("--json", action="store_true", help="print JSON")
 
+    t = commands.add_parser("transforms", help="list installed block transforms (awq, rotate)")
+    t.add_argument("--json", action="store_true", help="print JSON")
     commands.add_parser("plugins", help="print JSON of installed plugins and the hooks they implement")
 
     i = commands.add_parser("inspect", help="describe a quantized output folder")
@@ -168,11 +177,11 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         "algo": args.algo, "format": args.format, "bits": args.bits, "group_size": args.group_size,
         "symmetric": args.symmetric, "dtype": args.dtype, "max_shard_size": args.max_shard_size,
         "device": args.device, "ignore": args.ignore, "keep_moe_gates": args.keep_moe_gates,
-        "expert_names": args.expert_names,
+        "expert_names": args.expert_names, "transforms": args.transform,
         **{k: getattr(args, k) for k in (
             "calib", "calib_samples", "calib_seqlen", "calib_split", "calib_column", "calib_config", "calib_chat_template",
             "calib_batch_size", "calib_dtype", "calib_memory", "calib_mode", "seed", "damp_percent", "desc_act", "static_groups",
-            "act_group_aware", "mse", "mse_weight", "blocksize", "double_quant", "codebook", "moe_calibration",
+            "act_group_aware", "mse", "mse_weight", "gptaq", "gptaq_alpha", "blocksize", "double_quant", "codebook", "moe_calibration",
             "moe_min_tokens", "moe_memory", "gguf_type", "gguf_embedding_type")},
     }
     settings.update({k: v for k, v in flags.items() if v is not None})
@@ -289,6 +298,19 @@ def _formats(args: argparse.Namespace) -> None:
         print(f"{r['name']:<20} accepts {', '.join(r['accepts']):<20} {r['description']}{default}")
 
 
+def _transforms(args: argparse.Namespace) -> None:
+    from llmquant.plugins import get_plugin_manager
+
+    rows = [{"name": e.name, "needs_calibration": e.cls.needs_calibration, "plugin": e.plugin.name,
+             "distribution": e.plugin.distribution, "description": e.cls.description}
+            for e in sorted(get_plugin_manager().transforms().values(), key=lambda e: e.name)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        print(f"{r['name']:<12} {r['plugin']:<12} {r['description']}")
+
+
 def _plugins(args: argparse.Namespace) -> None:
     from llmquant.plugins import get_plugin_manager
 
@@ -343,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_output(args.verbose)
     handlers = {"quantize": _quantize, "eval": _eval, "eval-plot": _eval_plot, "verify": _verify, "algorithms": _algorithms,
-                "formats": _formats, "plugins": _plugins, "inspect": _inspect}
+                "formats": _formats, "transforms": _transforms, "plugins": _plugins, "inspect": _inspect}
     try:
         code = handlers[args.command](args)
     except LlmquantError as exc:

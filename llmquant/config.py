@@ -25,7 +25,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 from llmquant.errors import ConfigError
 from llmquant.host.calibration_data import CalibrationConfig
@@ -68,6 +68,9 @@ class QuantizeConfig:
         params: the algorithm's own fields, validated by its `config_type`.
         format_options: the output format's own settings, validated by its ``options_type``
             (GGUF: ``gguf_type``, ``gguf_embedding_type``).
+        transforms: block transforms applied in order before quantizing (see ``llmquant transforms``).
+        transform_options: the transforms' own settings, validated by their ``config_type``
+            (``awq_grid``, ``rotate_seed``).
     """
 
     algo: str = "rtn"
@@ -81,6 +84,8 @@ class QuantizeConfig:
     expert_names: str = "checkpoint"
     params: Mapping[str, Any] = field(default_factory=dict)
     format_options: Mapping[str, Any] = field(default_factory=dict)
+    transforms: tuple[str, ...] = ()
+    transform_options: Mapping[str, Any] = field(default_factory=dict)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self) -> None:
@@ -108,11 +113,13 @@ class QuantizeConfig:
             **({} if self.expert_names == "checkpoint" else {"expert_names": self.expert_names}),
             **dict(self.params),
             **dict(self.format_options),
+            **({"transforms": list(self.transforms), **dict(self.transform_options)} if self.transforms else {}),
             **dataclasses.asdict(self.calibration),
         }
 
 
-_HOST_FIELDS = {f.name for f in dataclasses.fields(QuantizeConfig)} - {"params", "overrides", "calibration", "format_options"}
+_HOST_FIELDS = {f.name for f in dataclasses.fields(QuantizeConfig)} - {"params", "overrides", "calibration", "format_options",
+                                                                       "transform_options"}
 _CALIBRATION_FIELDS = {f.name for f in dataclasses.fields(CalibrationConfig)}
 
 
@@ -127,7 +134,8 @@ def load_toml(path: Path) -> dict[str, Any]:
 
 
 def resolve_config(raw: Mapping[str, Any], algorithm_config: type[Any], *, where: str = "config",
-                   format_options: type[Any] | None = None) -> tuple[QuantizeConfig, Any]:
+                   format_options: type[Any] | None = None,
+                   transform_types: Sequence[type[Any]] = ()) -> tuple[QuantizeConfig, Any]:
     """Split flat settings into the host config and the algorithm's config instance.
 
     Args:
@@ -135,12 +143,15 @@ def resolve_config(raw: Mapping[str, Any], algorithm_config: type[Any], *, where
         algorithm_config: the chosen algorithm's `config_type`.
         where: what to name in errors (the file, or "flags").
         format_options: the chosen format's ``options_type``, if it has settings of its own.
+        transform_types: the chosen transforms' ``config_type``s.
 
     Returns:
         (QuantizeConfig, algorithm config built from the non-host keys).
     """
     algo_fields = {f.name for f in dataclasses.fields(algorithm_config)}
     format_fields = {f.name for f in dataclasses.fields(format_options)} if format_options else set()
+    transform_fields = {f.name for t in transform_types for f in dataclasses.fields(t)}
+    transform_values: dict[str, Any] = {}
     options: dict[str, Any] = {}
     host: dict[str, Any] = {}
     params: dict[str, Any] = {}
@@ -154,16 +165,23 @@ def resolve_config(raw: Mapping[str, Any], algorithm_config: type[Any], *, where
             params[key] = value
         elif key in format_fields:
             options[key] = value
+        elif key in transform_fields:
+            transform_values[key] = value
         elif key != "overrides":
-            valid = sorted(_HOST_FIELDS | _CALIBRATION_FIELDS | algo_fields | format_fields | {"overrides"})
+            valid = sorted(_HOST_FIELDS | _CALIBRATION_FIELDS | algo_fields | format_fields | transform_fields | {"overrides"})
             raise ConfigError(key, value, f"a known key; valid keys are {', '.join(valid)}", where=where)
     checked_host = build_dataclass(QuantizeConfig, host, where=where, construct=False)
     algorithm = build_dataclass(algorithm_config, params, where=where)
     overrides = tuple(_override(entry, algorithm, algo_fields, where, i) for i, entry in enumerate(raw.get("overrides", ())))
     if format_options is not None:
         options = dataclasses.asdict(build_dataclass(format_options, options, where=where))
+    transform_options: dict[str, Any] = {}
+    for kind in transform_types:
+        own = {f.name for f in dataclasses.fields(kind)}
+        transform_options.update(dataclasses.asdict(build_dataclass(kind, {k: v for k, v in transform_values.items() if k in own},
+                                                                    where=where)))
     config = build_dataclass(QuantizeConfig, {**checked_host, "overrides": overrides, "params": dataclasses.asdict(algorithm),
-                                              "format_options": options,
+                                              "format_options": options, "transform_options": transform_options,
                                               "calibration": build_dataclass(CalibrationConfig, calibration, where=where)}, where=where)
     return config, algorithm
 

@@ -15,8 +15,9 @@ import pluggy
 if TYPE_CHECKING:
     from llmquant.algorithm import Algorithm
     from llmquant.formats import OutputFormat
+    from llmquant.transform import Transform
 
-__all__ = ["hookimpl", "hookspec", "llmquant_register_algorithms", "llmquant_register_formats"]
+__all__ = ["hookimpl", "hookspec", "llmquant_register_algorithms", "llmquant_register_formats", "llmquant_register_transforms"]
 
 hookspec = pluggy.HookspecMarker("llmquant")
 hookimpl = pluggy.HookimplMarker("llmquant")
@@ -41,3 +42,13 @@ def llmquant_register_formats(register: Callable[[type[OutputFormat]], None]) ->
     """
 
 
+
+
+@hookspec
+def llmquant_register_transforms(register: Callable[[type[Transform]], None]) -> None:
+    """Register block transform classes (see `llmquant.transform.Transform`) by calling
+    ``register(cls)`` once per class.
+
+    Every implementation is called, once per plugin manager, when the host first needs the
+    list of transforms. A name registered by two plugins is an error naming both.
+    """

@@ -23,8 +23,9 @@ from llmquant import hookspecs
 from llmquant.algorithm import Algorithm
 from llmquant.errors import PluginError
 from llmquant.formats import OutputFormat
+from llmquant.transform import Transform
 
-__all__ = ["AlgorithmEntry", "FormatEntry", "PluginInfo", "Plugins", "get_plugin_manager", "ENV_PLUGINS"]
+__all__ = ["AlgorithmEntry", "FormatEntry", "PluginInfo", "TransformEntry", "Plugins", "get_plugin_manager", "ENV_PLUGINS"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ BUILTIN_DISTRIBUTION = "llmquant"
 _REQUIRED_ATTRIBUTES = ("name", "description", "config_type", "result_type", "needs_calibration")
 _FORMAT_ATTRIBUTES = ("name", "description", "accepts", "default_for")
 _FORMAT_METHODS = ("check_module", "tensors", "quantization_config", "recognizes", "quantized_module", "read")
+_TRANSFORM_ATTRIBUTES = ("name", "description", "config_type", "needs_calibration")
+_TRANSFORM_METHODS = ("prepare", "transform_block")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,18 @@ class FormatEntry:
         return issubclass(result_type, self.cls.accepts)
 
 
+@dataclass(frozen=True)
+class TransformEntry:
+    """A registered block transform and the plugin that registered it."""
+
+    cls: type[Transform]
+    plugin: PluginInfo
+
+    @property
+    def name(self) -> str:
+        return self.cls.name
+
+
 @dataclass
 class Plugins:
     """A pluggy manager plus what the host learned while loading it."""
@@ -82,12 +97,13 @@ class Plugins:
     broken: list[PluginInfo] = field(default_factory=list)
     _algorithms: dict[str, AlgorithmEntry] | None = None
     _formats: dict[str, FormatEntry] | None = None
+    _transforms: dict[str, TransformEntry] | None = None
 
     def register(self, plugin: Any, name: str, distribution: str = "", version: str = "") -> None:
         """Register a plugin object (a module or an instance) under `name`."""
         self.pm.register(plugin, name=name)
         self.info[name] = PluginInfo(name, distribution or name, version)
-        self._algorithms = self._formats = None
+        self._algorithms = self._formats = self._transforms = None
 
     def algorithms(self) -> dict[str, AlgorithmEntry]:
         """Return every registered algorithm by name.
@@ -147,6 +163,25 @@ class Plugins:
                 f"use one of: {', '.join(able) or 'none installed'}"
             )
         return found[name]
+
+    def transforms(self) -> dict[str, TransformEntry]:
+        """Return every registered block transform by name.
+
+        Raises:
+            PluginError: two plugins register the same name, or a class lacks the interface.
+        """
+        if self._transforms is None:
+            collected = _collect(self, "llmquant_register_transforms", "transform", _check_transform_class)
+            self._transforms = {name: TransformEntry(cls, plugin) for name, (cls, plugin) in collected.items()}
+        return self._transforms
+
+    def transform(self, name: str) -> TransformEntry:
+        """Return the transform called `name`, or raise naming the valid ones."""
+        found = self.transforms()
+        if name in found:
+            return found[name]
+        raise PluginError(f"unknown transform {name!r}: installed transforms are {', '.join(sorted(found)) or 'none'} "
+                          f"(see `llmquant transforms`)")
 
     def format_of(self, quantization_config: dict[str, Any]) -> FormatEntry | None:
         """Return the installed format that recognizes a checkpoint's ``quantization_config``."""
@@ -228,4 +263,14 @@ def _check_format_class(cls: Any, plugin: PluginInfo) -> None:
         raise PluginError(
             f"plugin {plugin.name!r} ({plugin.distribution}) registered format {cls!r}, which lacks "
             f"{', '.join(missing)}: see llmquant.formats.OutputFormat for the interface"
+        )
+
+
+def _check_transform_class(cls: Any, plugin: PluginInfo) -> None:
+    missing = [a for a in _TRANSFORM_ATTRIBUTES if not hasattr(cls, a)]
+    missing += [m for m in _TRANSFORM_METHODS if not callable(getattr(cls, m, None))]
+    if missing:
+        raise PluginError(
+            f"plugin {plugin.name!r} ({plugin.distribution}) registered transform {cls!r}, which lacks "
+            f"{', '.join(missing)}: see llmquant.transform.Transform for the interface"
         )

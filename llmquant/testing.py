@@ -17,6 +17,10 @@ Or one test per check, for clearer reports::
     def test_conformance(check, tmp_path):
         check(MyAlgo, tmp_path)
 
+Block transforms have a kit of their own: ``check_transform(MyTransform, tmp_path)`` (or
+``TRANSFORM_CHECKS``), which proves that the float model a transform writes computes what the
+original did, on a tiny Llama and Qwen2 whose norms and outlier channels are not trivial.
+
 Every check raises AssertionError with a message that names the algorithm and what broke.
 """
 
@@ -34,7 +38,7 @@ from llmquant.algorithm import CalibrationStats, CodebookQuantized, UniformQuant
 from llmquant.errors import ConfigError, LlmquantError
 from llmquant.hookspecs import hookimpl
 
-__all__ = ["CHECKS", "check_algorithm", "save_tiny_llama"]
+__all__ = ["CHECKS", "TRANSFORM_CHECKS", "check_algorithm", "check_transform", "save_tiny_for_transforms", "save_tiny_llama"]
 
 SHAPES = [(96, 256), (128, 128), (256, 384)]
 
@@ -204,6 +208,124 @@ CHECKS: list[Callable[[type[Any], Path], None]] = [
 def check_algorithm(cls: type[Any], tmp_path: Path) -> None:
     """Run every conformance check on the algorithm class `cls`, using `tmp_path` for files."""
     for check in CHECKS:
+        folder = tmp_path / check.__name__
+        folder.mkdir(parents=True, exist_ok=True)
+        check(cls, folder)
+
+
+# ---------------------------------------------------------------- block transforms
+
+
+def save_tiny_for_transforms(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """Save a random 2-layer Llama or Qwen2 (hidden 128) whose norms are not ones and whose first
+    channels carry large activations, as real LLMs' do, with a word-level tokenizer, offline."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    save_tiny_llama(folder)
+    if arch == "qwen2":  # q/k/v biases; the same shapes otherwise
+        config = transformers.Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)  # type: ignore[no-untyped-call]
+    state = load_file(folder / "model.safetensors")
+    generator = torch.Generator().manual_seed(seed)
+    for key, value in state.items():
+        if value.dim() == 1 and "norm" in key:
+            gamma = torch.rand(value.shape, generator=generator) + 0.5
+            gamma[:4] *= 20
+            state[key] = gamma.to(value.dtype)
+        elif value.dim() == 2:
+            state[key] = (torch.randn(value.shape, generator=generator) * 0.05).to(value.dtype)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def _transform_steps(cls: type[Any]) -> list[Any]:
+    from llmquant.host.transforms import TransformStep
+
+    return [TransformStep(cls(), cls.config_type(), "conformance")]
+
+
+def check_transform_interface(cls: type[Any], tmp_path: Path) -> None:
+    """The class declares what the host reads; its config is frozen, defaults to valid settings, and
+    its field names start with the transform's name (they share the run's flat config keys)."""
+    for attr in ("name", "description", "config_type", "needs_calibration", "prepare", "transform_block"):
+        assert hasattr(cls, attr), f"{cls.__name__} lacks {attr!r}"
+    assert isinstance(cls.name, str) and cls.name and " " not in cls.name, f"{cls.__name__}.name must be a word, got {cls.name!r}"
+    assert dataclasses.is_dataclass(cls.config_type), f"{cls.name}: config_type must be a dataclass"
+    assert getattr(cls.config_type, "__dataclass_params__").frozen, f"{cls.name}: config_type must be frozen"
+    config_type: Any = cls.config_type
+    config_type()
+    for field in dataclasses.fields(cls.config_type):
+        assert field.name.startswith(f"{cls.name.replace('-', '_')}_"), \
+            f"{cls.name}: config field {field.name!r} must start with {cls.name!r}_ (it is a key of the run's config)"
+
+
+def check_transform_keeps_the_function(cls: type[Any], tmp_path: Path) -> None:
+    """On a Llama and a Qwen2 (q/k/v biases), the float model the transform writes computes the
+    logits the original computes (relative error under 1e-4)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmquant.host.float_transform import transformed_state_dict
+    from llmquant.uniform import minmax_quantize
+
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(1))
+    samples = torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(2))
+    for arch in ("llama", "qwen2"):
+        source = save_tiny_for_transforms(tmp_path / arch, arch)
+        state, untied = transformed_state_dict(source, _transform_steps(cls), samples,
+                                               lambda module, W: minmax_quantize(W, 4, 32, True).dequantize())
+        config = AutoConfig.from_pretrained(source)
+        config.tie_word_embeddings = config.tie_word_embeddings and not untied
+        original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
+        changed = AutoModelForCausalLM.from_config(config).float().eval()  # type: ignore[no-untyped-call]
+        changed.load_state_dict(state, strict=False)
+        with torch.no_grad():
+            expected, got = original(ids).logits, changed(ids).logits
+        error = float((got - expected).abs().max() / expected.abs().max())
+        assert error < 1e-4, f"{cls.name} on a tiny {arch}: logits moved by {error:.2e} of their range; a transform must not change the float model"
+
+
+def check_transform_in_a_run(cls: type[Any], tmp_path: Path) -> None:
+    """The host runs the transform before RTN; the output loads and gives finite logits, and its
+    run record names the transform."""
+    import json
+
+    from llmquant.api import quantize
+    from llmquant.plugins import get_plugin_manager
+    from llmquant.runtime import load_quantized
+
+    source = save_tiny_for_transforms(tmp_path / "tiny")
+    plugins = get_plugin_manager()
+
+    @hookimpl
+    def llmquant_register_transforms(register: Callable[[type[Any]], None]) -> None:
+        register(cls)
+
+    installed = plugins.transforms().get(cls.name)
+    if installed is None or installed.cls is not cls:
+        plugins.register(types.SimpleNamespace(llmquant_register_transforms=llmquant_register_transforms), "conformance")
+    settings: dict[str, Any] = {"algo": "rtn", "group_size": 64, "transforms": [cls.name]}
+    if cls.needs_calibration:
+        calib = tmp_path / "calib.txt"
+        calib.write_text("\n".join(" ".join(f"t{(i * 7 + j) % 500 + 3}" for j in range(40)) for i in range(100)))
+        settings.update(calib=str(calib), calib_samples=8, calib_seqlen=32)
+    quantize(source, tmp_path / "out", settings, plugins=plugins)
+    record = json.loads((tmp_path / "out" / "llmquant.json").read_text())
+    assert record["config"].get("transforms") == [cls.name], f"{cls.name}: the run record does not name the transform"
+    with torch.no_grad():
+        logits = load_quantized(tmp_path / "out")(torch.tensor([[1, 5, 9, 42]])).logits
+    assert torch.isfinite(logits).all(), f"{cls.name}: the written model gives non-finite logits"
+
+
+TRANSFORM_CHECKS: list[Callable[[type[Any], Path], None]] = [
+    check_transform_interface, check_transform_keeps_the_function, check_transform_in_a_run,
+]
+
+
+def check_transform(cls: type[Any], tmp_path: Path) -> None:
+    """Run every conformance check on the block transform class `cls`, using `tmp_path` for files."""
+    for check in TRANSFORM_CHECKS:
         folder = tmp_path / check.__name__
         folder.mkdir(parents=True, exist_ok=True)
         check(cls, folder)

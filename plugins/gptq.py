@@ -58,6 +58,11 @@ class GPTQConfig(UniformConfig):
             unweighted, as the reference's ``--mse`` does. How each choice scores on real models
             is in docs/benchmarks.md.
         block_size: columns per lazy batch update.
+        gptaq: fit the quantized layer's output on its (quantized-model) inputs to the float
+            layer's output on the float model's inputs, not to its own float output (GPTAQ,
+            arXiv:2504.02692; GPTQModel's ``v2``): the host runs the float model alongside.
+        gptaq_alpha: how much of that correction to apply: 1 is the whole asymmetric objective,
+            which overfits the calibration tokens where they are few; 0.25 is GPTQModel's default.
     """
 
     damp_percent: float = 0.01
@@ -67,9 +72,13 @@ class GPTQConfig(UniformConfig):
     mse: bool = False
     mse_weight: str = "hessian"
     block_size: int = 128
+    gptaq: bool = False
+    gptaq_alpha: float = 0.25
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0 <= self.gptaq_alpha <= 1:
+            raise ConfigError("gptaq_alpha", self.gptaq_alpha, "a weight in [0, 1], e.g. 0.25")
         if not 0 < self.damp_percent < 1:
             raise ConfigError("damp_percent", self.damp_percent, "a fraction in (0, 1), e.g. 0.01")
         if self.block_size <= 0:
@@ -151,8 +160,16 @@ def _column_order(diag: Tensor, groups: int, size: int, config: GPTQConfig) -> T
     return None
 
 
-def gptq_quantize(W: Tensor, H: Tensor, config: GPTQConfig, name: str = "weight") -> UniformQuantized:
+def gptq_quantize(W: Tensor, H: Tensor, config: GPTQConfig, name: str = "weight", dXXT: Tensor | None = None) -> UniformQuantized:
     """Quantize ``W: (out, in)`` against the Hessian ``H: (in, in)`` of its input (Algorithm 1).
+
+    With ``dXXT: (in, in)`` (``2/n sum((x_float - x) x^T)``), the target is the float model's output
+    on its own inputs (GPTAQ's objective, arXiv:2504.02692): ``||Q x - W x_float||^2`` equals GPTQ's
+    objective around ``W* = W + W dXXT H^-1`` up to a constant, so the columns are quantized toward
+    ``W + alpha * W dXXT H^-1`` (with the damped ``H^-1 = Hinv^T Hinv`` GPTQ factors anyway).
+    GPTAQ itself applies the correction column by column inside the updates, keeping only the part
+    that reaches columns not yet quantized; moved before the first column it is the whole
+    correction (docs/algorithms.md compares the two).
 
     Returns:
         `UniformQuantized` with codes in the original column order and the g_idx its order implies.
@@ -170,6 +187,17 @@ def gptq_quantize(W: Tensor, H: Tensor, config: GPTQConfig, name: str = "weight"
 
     perm = _column_order(diag, groups, size, config)
     Hinv = _inverse_cholesky(H, perm, dead, config.damp_percent, name)
+    if dXXT is not None:
+        D = dXXT.float().clone()
+        D[:, dead] = 0
+        D = D[perm][:, perm] if perm is not None else D
+        Wp = W[:, perm] if perm is not None else W
+        shift = config.gptaq_alpha * ((Wp @ D) @ Hinv.T) @ Hinv  # alpha * W dXXT H^-1, in processing order
+        if perm is not None:
+            W[:, perm] += shift
+        else:
+            W += shift
+        del D, shift
     # the search's weight of each column, in processing order: GPTQ charges err**2 / Hinv[j, j]**2
     weight = Hinv.diagonal().pow(-2) if config.mse and config.mse_weight == "hessian" else None
     g_of_col = torch.arange(in_features, device=W.device) // size  # group of each original column
@@ -265,7 +293,12 @@ class GPTQ:
             return minmax_quantize(W, config.bits, config.group_size, config.symmetric, config.scale_grid)
         if stats.H.shape != (W.shape[1], W.shape[1]):
             raise ShapeError(f"GPTQ: Hessian of shape {tuple(stats.H.shape)} does not match a weight of shape {tuple(W.shape)}")
-        return gptq_quantize(W, stats.H, config)
+        return gptq_quantize(W, stats.H, config, dXXT=stats.dXXT if config.gptaq else None)
+
+    @staticmethod
+    def wants_float_inputs(config: GPTQConfig) -> bool:
+        """GPTAQ needs the float model's inputs beside the quantized model's."""
+        return config.gptaq
 
 
 @hookimpl

@@ -124,3 +124,25 @@ def test_quiet_by_default_and_everything_with_v(verbose: bool) -> None:
         assert shown in done.stderr
     for hidden in ("a third-party deprecation", "a third-party log warning"):
         assert (hidden in done.stderr) is verbose, done.stderr
+
+
+def test_transforms_from_toml_and_flags(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import calibration_file
+
+    config = tmp_path / "rotate.toml"
+    config.write_text('transforms = ["rotate"]\nrotate_seed = 3\nbits = 4\ngroup_size = 64\n')
+    assert main(["quantize", str(tiny_llama), "-o", str(tmp_path / "a"), "--config", str(config)]) == 0
+    record = json.loads((tmp_path / "a" / "llmquant.json").read_text())["config"]
+    assert record["transforms"] == ["rotate"] and record["rotate_seed"] == 3
+    calib = ["--calib", str(calibration_file(tmp_path)), "--calib-samples", "8", "--calib-seqlen", "32"]
+    argv = ["quantize", str(tiny_llama), "-o", str(tmp_path / "b"), "--config", str(config), "--transform", "awq",
+            "--transform", "rotate", "--param", "awq_grid=4", *calib]
+    assert main(argv) == 0  # flags replace the file's list; the file's rotate_seed still applies
+    record = json.loads((tmp_path / "b" / "llmquant.json").read_text())["config"]
+    assert record["transforms"] == ["awq", "rotate"] and record["awq_grid"] == 4 and record["rotate_seed"] == 3
+    config.write_text('transforms = ["awq"]\nawq_grd = 4\n')
+    assert main(["quantize", str(tiny_llama), "-o", str(tmp_path / "c"), "--config", str(config), *calib]) == 1
+    assert "awq_grd" in capsys.readouterr().err
+    assert main(["transforms"]) == 0
+    listed = capsys.readouterr().out
+    assert "awq" in listed and "rotate" in listed

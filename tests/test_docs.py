@@ -52,6 +52,17 @@ def test_guide_format_example_round_trips(tiny_llama: Path, tmp_path: Path, pm: 
         torch.testing.assert_close(ours(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_guide_transform_example_conforms(tmp_path: Path) -> None:
+    """The guide's block transform passes the transform conformance kit."""
+    from llmquant.testing import check_transform
+
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.S)
+    module = types.ModuleType("guide_transform")
+    sys.modules[module.__name__] = module
+    exec(compile(next(b for b in blocks if "class Halve" in b), str(GUIDE), "exec"), module.__dict__)
+    check_transform(module.Halve, tmp_path)
+
+
 ROOT = GUIDE.parents[1]
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]

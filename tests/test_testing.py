@@ -45,3 +45,19 @@ def test_a_sloppy_plugin_fails_with_clear_messages(tmp_path: Path) -> None:
     with pytest.raises(AssertionError, match=r"sloppy: bits=7 was accepted; raise ConfigError"):
         check_bad_config_and_shape(Sloppy, tmp_path)
 
+
+
+@pytest.mark.parametrize("name", ["awq", "rotate"])
+def test_builtin_transforms_pass_the_transform_kit(name: str, tmp_path: Path) -> None:
+    from llmquant.plugins import get_plugin_manager
+    from llmquant.testing import check_transform
+
+    check_transform(get_plugin_manager().transform(name).cls, tmp_path)
+
+
+def test_transform_kit_catches_a_transform_that_changes_the_model(tmp_path: Path) -> None:
+    from llmquant.testing import check_transform_keeps_the_function
+    from tests.host.test_transforms import _Break
+
+    with pytest.raises(Exception, match="changed what model.layers.0 computes"):
+        check_transform_keeps_the_function(_Break, tmp_path)

@@ -10,9 +10,11 @@ tokens of Wikipedia extracts, seed 0, or ``--seed N``'s windows) in a fresh proc
 peak memory (``limits.py``), optionally inside a cgroup with a hard memory limit. Every output is
 then scored in a second fresh process: perplexity on the same WikiText-2 windows in float32 by
 one runtime for all GPTQ and compressed-tensors outputs (``llmquant.load_quantized``) and by
-transformers for bitsandbytes and the original, and decode tokens/s in the runtime a user of
-that output would run on a CPU (bfloat16): llmquant's int4 kernel for ours, transformers +
-gptqmodel, transformers + compressed-tensors, transformers + bitsandbytes for the peers'.
+transformers for bitsandbytes, the original and GPTQModel's AWQ outputs (no llmquant format reads
+AWQ's layout: their AWQ modules become float32 Linears of the weights they decode to), and decode
+tokens/s in the runtime a user of that output would run on a CPU (bfloat16): llmquant's int4 kernel
+for ours, transformers + gptqmodel, transformers + compressed-tensors, transformers + bitsandbytes
+for the peers'.
 
 The GPTQModel and bitsandbytes rows need ``pip install 'llmquant[loaders]'``. llm-compressor pins
 its own transformers, so its rows run in their own environment (``--llmcompressor-python``,
@@ -54,6 +56,7 @@ from eval.benchmarks.peers_rows import (  # noqa: E402
     LLMQUANT_RUNTIME,
     ROWS,
     decode_runtime,
+    llmquant_reads,
     needs_samples,
 )
 from llmquant.deps import require  # noqa: E402
@@ -95,11 +98,16 @@ def _gptqmodel(args: argparse.Namespace, settings: dict[str, Any], samples: Any)
     gptqmodel = require("gptqmodel", extra="loaders", purpose="the GPTQModel rows of the peers benchmark")
 
     def job() -> None:
-        config = gptqmodel.QuantizeConfig(bits=settings["bits"], group_size=args.group_size, sym=True, desc_act=False,
-                                          damp_percent=0.01, act_group_aware=settings.get("act_group_aware", True),
-                                          mse=settings.get("mse", 0.0))
+        common = {"bits": settings["bits"], "group_size": args.group_size, "sym": True, "desc_act": False}
+        backend = gptqmodel.BACKEND.AUTO
+        if settings.get("method") == "awq":  # AWQ writes its own format (GEMM layout): only AWQ kernels read it
+            config = gptqmodel.QuantizeConfig(**common, method="awq")
+            backend = gptqmodel.BACKEND.TORCH  # AUTO packs with the GEMM kernel, which refuses to start without CUDA
+        else:
+            config = gptqmodel.QuantizeConfig(**common, damp_percent=0.01, act_group_aware=settings.get("act_group_aware", True),
+                                              mse=settings.get("mse", 0.0))
         model = gptqmodel.GPTQModel.load(args.model, config)
-        model.quantize([{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples])
+        model.quantize([{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples], backend=backend)
         model.save(args.out)
     return job
 
@@ -111,12 +119,18 @@ def _llmcompressor(args: argparse.Namespace, settings: dict[str, Any], samples: 
     purpose = "the llm-compressor rows of the peers benchmark"
     modifiers = require("llmcompressor.modifiers.quantization", install=LLMCOMPRESSOR_ENV, purpose=purpose)
     oneshot = require("llmcompressor", install=LLMCOMPRESSOR_ENV, purpose=purpose).oneshot
+    transforms = require("llmcompressor.modifiers.transform", install=LLMCOMPRESSOR_ENV, purpose=purpose)
+    cache = require("llmcompressor.pipelines.cache", install=LLMCOMPRESSOR_ENV, purpose=purpose)
 
     def job() -> None:
         scheme = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
                                                                  "strategy": "group", "group_size": args.group_size}}}
         order = {"actorder": settings["actorder"]} if "actorder" in settings else {}  # absent: the modifier's default
-        recipe = getattr(modifiers, settings["modifier"])(config_groups=scheme, ignore=["lm_head"], **order)
+        recipe = [getattr(modifiers, settings["modifier"])(config_groups=scheme, ignore=["lm_head"], **order)]
+        if settings.get("awq"):  # AWQ only rescales channels (mappings inferred from the architecture); the modifier after it quantizes
+            recipe.insert(0, transforms.AWQModifier())
+            if not torch.accelerator.is_available():  # 0.14's AWQ pins its cached activations to copy them to a GPU
+                cache.IntermediatesCache.pin_memory = lambda *_, **__: None  # faster; without a GPU pinning raises
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         kwargs: dict[str, Any] = {}
@@ -167,8 +181,9 @@ def score_row(args: argparse.Namespace) -> None:
     runtime = decode_runtime(args.row)
 
     def load(dtype: torch.dtype, user: bool) -> Any:
-        if tool in ("original", "bitsandbytes") or (user and runtime != LLMQUANT_RUNTIME):
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu")
+        if not llmquant_reads(args.row) or (user and runtime != LLMQUANT_RUNTIME):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu")
+            return dense_awq(model) if tool == "gptqmodel" and not user else model  # its AWQ files, for perplexity
         return load_quantized(path, dtype=dtype)
 
     model = load(torch.float32, user=False).eval()
@@ -188,6 +203,28 @@ def score_row(args: argparse.Namespace) -> None:
         except Exception as error:  # noqa: BLE001 - a runtime that cannot decode is a result, not a crash
             result[f"speed_error{suffix}"] = f"{type(error).__name__}: {error}"[:300]
     print(json.dumps(result))
+
+
+def dense_awq(model: Any) -> Any:
+    """Swap GPTQModel's AWQ modules in `model` for float32 Linears holding the weights they decode to.
+
+    Its AWQ kernels compute in bfloat16 or float16 whatever the model's dtype, while every other
+    row's perplexity is computed in float32.
+    """
+    import torch
+
+    purpose = "scoring the GPTQModel AWQ rows of the peers benchmark"
+    awq = require("gptqmodel.nn_modules.qlinear", extra="loaders", purpose=purpose).AWQuantLinear
+    decode = require("gptqmodel.quantization.awq.utils.packing_utils", extra="loaders", purpose=purpose).dequantize_gemm
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, awq)]:
+        dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        # float32 scales: the GEMM layout's own decoding multiplies in the scales' float16
+        weight = decode(module.qweight, module.qzeros, module.scales.float(), module.bits, module.group_size)
+        dense.weight.data = weight.t().contiguous()
+        if module.bias is not None:
+            dense.bias.data = module.bias.float()
+        model.set_submodule(name, dense)
+    return model
 
 
 # ---------------------------------------------------------------- parent

@@ -20,6 +20,18 @@ imported torch, transformers and llmquant::
 w: parameters of one decoder block; |W|: the largest Linear weight in it; i: the widest Linear
 input; d: hidden size; v: vocabulary; t: elements of the largest tensor outside the blocks.
 
+Block transforms (``llmquant.host.transforms``) run every algorithm through the calibrated path
+(the data-free ``rotate`` on 4 windows of 64 random tokens when there is no --calib) and add to
+the block stage, T being awq's search tokens (``awq_tokens``, 0 without awq)::
+
+        + 4 * w                                   the block in float32 while it is transformed
+        + 4 * T * (7 * d + i)                     awq: its scopes' inputs and outputs over T tokens
+                                                  (attention, MLP, o_proj, down_proj)
+
+GPTQ's ``--gptaq`` runs the float model beside the quantized one, in replay mode::
+
+        + 2 * N * d * b + w * b + 4 * i**2        its activations, a float copy of the block, dXXT
+
 A mixture-of-experts block (E routed experts of inner width I, ``llmquant.host.expert_calibration``)
 adds a stage to the calibrated maximum, while its experts are calibrated from their kept inputs::
 
@@ -114,16 +126,22 @@ def single_pass_chosen(shapes: Shapes, calibration_tokens: int, activation_bytes
 
 def predict_peak_mb(shapes: Shapes, baseline_mb: float, *, calibration_tokens: int = 0, batch_tokens: int = 0,
                     activation_bytes: int = 2, single_pass: bool = False, moe_calibration: str = "routed",
-                    moe_memory: int = 2**30) -> float:
-    """Predicted peak resident memory in MiB (calibration_tokens=0 for uncalibrated algorithms)."""
+                    moe_memory: int = 2**30, transformed: bool = False, search_tokens: int = 0,
+                    float_inputs: bool = False) -> float:
+    """Predicted peak resident memory in MiB (calibration_tokens=0 for uncalibrated algorithms;
+    `transformed`: block transforms ran, awq's with `search_tokens`; `float_inputs`: GPTAQ)."""
     s, w, W = shapes.source_bytes, shapes.block_params, shapes.largest_weight
     outside = shapes.largest_outside * s
     if not calibration_tokens:
         return baseline_mb + max(w * s + 16 * W, outside) / MB
     N, d, b = calibration_tokens, shapes.hidden, activation_bytes
     in_flight = IN_FLIGHT_WIDTHS * (N if single_pass else batch_tokens) * d * b
-    capture = shapes.vocab * d * b + 2 * N * d * b
+    capture = shapes.vocab * d * b + 2 * N * d * b * (2 if float_inputs else 1)
     block = w * b + w * s + 2 * N * d * b + in_flight + 8 * shapes.widest_input**2 + 16 * W
+    if transformed:
+        block += 4 * w + 4 * search_tokens * (7 * d + shapes.widest_input)
+    if float_inputs:
+        block += 2 * N * d * b + w * b + 4 * shapes.widest_input**2
     return baseline_mb + max(capture, block, outside, _experts_stage(shapes, N, batch_tokens, b, in_flight, single_pass,
                                                                      moe_calibration, moe_memory)) / MB
 

@@ -45,11 +45,15 @@ def predicted_mb(name: str, settings: dict[str, Any]) -> float | None:
     """The memory formula's peak for an llmquant row (None for the peers'), from the recorded shapes and baseline."""
     if name not in ROWS or ROWS[name][0] != "llmquant" or "shapes" not in settings:
         return None
-    shapes = Shapes(**settings["shapes"])
-    tokens = CALIB_SAMPLES * CALIB_SEQLEN if needs_samples(name) else 0
-    single = bool(tokens) and single_pass_chosen(shapes, tokens)
+    shapes, row = Shapes(**settings["shapes"]), ROWS[name][1]
+    transforms = row.get("transforms", ())
+    tokens = CALIB_SAMPLES * CALIB_SEQLEN if needs_samples(name) else (4 * 64 if transforms else 0)
+    float_inputs = bool(row.get("gptaq"))
+    single = bool(tokens) and single_pass_chosen(shapes, tokens) and not float_inputs
     return predict_peak_mb(shapes, settings["baseline_mb"], calibration_tokens=tokens, batch_tokens=8 * CALIB_SEQLEN,
-                           single_pass=single, moe_calibration=ROWS[name][1].get("moe_calibration", "routed"))
+                           single_pass=single, moe_calibration=row.get("moe_calibration", "routed"),
+                           transformed=bool(transforms), search_tokens=row.get("awq_tokens", 2048) if "awq" in transforms else 0,
+                           float_inputs=float_inputs)
 
 
 def in_matrix_order(rows: dict[str, Any]) -> list[tuple[str, Any]]:

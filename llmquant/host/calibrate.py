@@ -18,6 +18,8 @@ and i the widest Linear input::
                                  (IN_FLIGHT_WIDTHS, measured on a Llama block); replay: one batch's
        + 2 * 4 * i**2            one Hessian and GPTQ's working copy of it, float32
        + 4 * 4 * |W|             the float32 weight being quantized and GPTQ's working copies
+       + 4 * w                   with --transform: the block in float32 while it is transformed, and
+       + 4 * T * (i + d)         awq's scope inputs and outputs over its T (4096) search tokens
 
 The embeddings (vocab * d * b) are loaded only while block inputs are captured, before any block.
 The plugin sees only ``W`` and ``H``; hooks, devices and Hessians belong to the host.
@@ -25,6 +27,7 @@ The plugin sees only ``W`` and ``H``; hooks, devices and Hessians belong to the 
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import threading
@@ -35,21 +38,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmquant.algorithm import CalibrationStats
 from llmquant.host.activations import ActivationStore
 from llmquant.host.arch import BlockLayout
 from llmquant.host.checkpoint import Checkpoint
+from llmquant.host.groups import ExpertsGroup, Group, LinearGroup, QuantizeModule
 from llmquant.host.hessian import HessianAccumulator, accumulate_hessian
-from llmquant.host.expert_calibration import ExpertPolicy, calibrate_experts
+from llmquant.host.expert_calibration import ExpertPolicy
 from llmquant.host.moe import ExpertLinears, KeyMap
+from llmquant.host.transforms import EditedCheckpoint, Transforms
 from llmquant.host.workers import Stop, Worker, bound_onednn_cache, release, return_freed_memory, share_malloc_arena
 
 __all__ = ["HessianAccumulator", "SequentialCalibrator", "accumulate_hessian"]
 
 log = logging.getLogger(__name__)
-
-# quantize(name, stats) -> the dequantized weight to run the rest of the calibration with (stats None: a fallback)
-QuantizeModule = Callable[[str, "CalibrationStats | None"], Tensor]
 
 
 # Hidden-width values per token that a Llama-style block keeps alive while parked at a group
@@ -86,19 +87,30 @@ class SequentialCalibrator:
         memory: activation budget in bytes; past it activations spill to `spill_dir`.
         keys: checkpoint key <-> skeleton key (MoE checkpoints whose names transformers renames).
         experts: how routed experts are calibrated (`ExpertPolicy`).
+        transforms: block transforms applied to each block before it is calibrated.
+        hessians: accumulate input Hessians (False: the algorithm needs none; calibration only
+            carries the transforms' data and the activations from block to block).
+        float_inputs: also run the float model alongside (a float copy of each block on its own
+            activations) and give each Linear group ``dXXT`` (GPTAQ); forces replay mode.
     """
 
-    def __init__(self, model: nn.Module, layout: BlockLayout, checkpoint: Checkpoint, samples: Tensor, *,
+    def __init__(self, model: nn.Module, layout: BlockLayout, checkpoint: Checkpoint | EditedCheckpoint, samples: Tensor, *,
                  batch_size: int, dtype: torch.dtype, device: str, memory: int, spill_dir: Path, mode: str = "auto",
-                 keys: KeyMap | None = None, experts: ExpertPolicy | None = None) -> None:
+                 keys: KeyMap | None = None, experts: ExpertPolicy | None = None, transforms: Transforms | None = None,
+                 hessians: bool = True, float_inputs: bool = False) -> None:
         self.model, self.layout, self.checkpoint = model, layout, checkpoint
+        self.transforms, self.hessians, self.float_inputs = transforms, hessians, float_inputs
         self.keys = keys or KeyMap({}, {})
         self.expert_policy = experts or ExpertPolicy()
         self.fallbacks: dict[str, int] = {}  # expert projections quantized without calibration -> tokens seen
         self.dtype, self.device = dtype, torch.device(device)
         self.batches = list(torch.split(samples, batch_size))
-        self.inputs = ActivationStore(spill_dir, memory // 2, "inputs")
-        self.outputs = ActivationStore(spill_dir, memory // 2, "outputs")
+        share = memory // (4 if float_inputs else 2)
+        self.inputs = ActivationStore(spill_dir, share, "inputs")
+        self.outputs = ActivationStore(spill_dir, share, "outputs")
+        # the float model's activations, when float_inputs: the same tokens through unquantized blocks
+        self.float_in = ActivationStore(spill_dir, share, "float-inputs")
+        self.float_out = ActivationStore(spill_dir, share, "float-outputs")
         self.kwargs: list[list[dict[str, Any]]] = [[] for _ in range(layout.count)]
         self._groups: dict[tuple[str, ...], list[list[str]]] = {}
         self.memory, self.mode = memory, mode
@@ -136,7 +148,11 @@ class SequentialCalibrator:
                 blocks[i] = block
             for name in loaded:
                 release(self.model, name)
-        if self.mode == "auto":
+        for b in range(len(self.inputs) if self.float_inputs else 0):
+            self.float_in.put(b, self.inputs[b])  # the embeddings are not quantized: both models start equal
+        if self.float_inputs:
+            self.single_pass = False
+        elif self.mode == "auto":
             hidden = self.inputs[0].shape[-1]
             needed = self.tokens * hidden * self.dtype.itemsize * (2 + IN_FLIGHT_WIDTHS)
             self.single_pass = needed <= self.memory
@@ -144,14 +160,18 @@ class SequentialCalibrator:
                      "single pass" if self.single_pass else "replay per group", needed / 1e9, self.memory / 1e9)
 
     def input_tensors(self) -> list[Tensor]:
-        """Return the activations that feed the next block, to keep for a resumed run."""
-        return [self.inputs[b] for b in range(len(self.inputs))]
+        """Return the activations that feed the next block (then the float model's), to keep for a resumed run."""
+        return [self.inputs[b] for b in range(len(self.inputs))] + [self.float_in[b] for b in range(len(self.float_in))]
 
     def load_inputs(self, tensors: list[Tensor]) -> None:
         """Replace the next block's inputs, when resuming after a finished block."""
         self.inputs.clear()
-        for b, tensor in enumerate(tensors):
+        self.float_in.clear()
+        half = len(tensors) // 2 if self.float_inputs else len(tensors)
+        for b, tensor in enumerate(tensors[:half]):
             self.inputs.put(b, tensor)
+        for b, tensor in enumerate(tensors[half:]):
+            self.float_in.put(b, tensor)
 
     def _load_outside_blocks(self) -> list[str]:
         """Load the weights that run before the first block (embeddings), in the activation dtype."""
@@ -177,61 +197,94 @@ class SequentialCalibrator:
                 statistics, in true-sequential order; returns the dequantized weight to continue with.
         """
         block = self._materialize(index)
+        if self.transforms is not None:
+            self.transforms.apply(self, index, block)
+        float_block = copy.deepcopy(block) if self.float_inputs else None
         name = self.layout.block_name(index)
         experts = {f"{name}.{rel}": m for rel, m in block.named_modules() if isinstance(m, ExpertLinears)}
         linears: dict[str, nn.Module] = {f"{name}.{rel}": m for rel, m in block.named_modules() if isinstance(m, nn.Linear)
                                          and not any(f"{name}.{rel}".startswith(e + ".") for e in experts)}
         linears.update(experts)  # an experts module is one group, calibrated by `calibrate_experts`
-        groups = self._sequential_groups(index, block, linears, set(experts))
-        if self.single_pass:
+        if not self.hessians and not experts:  # nothing to measure: quantize, then carry the activations on
+            with torch.no_grad():
+                for module, linear in linears.items():
+                    if module in targets:
+                        linear.weight.data = quantize(module, None).to(self.device, self.dtype)
+                for b in range(len(self.batches)):
+                    self.outputs.put(b, self._forward(index, block, b))
+        elif self.single_pass:
+            groups = self._sequential_groups(index, block, linears, set(experts))
             self._single_pass(index, block, linears, groups, quantize, targets)
         else:
-            self._replay(index, block, linears, groups, quantize, targets)
+            groups = self._sequential_groups(index, block, linears, set(experts))
+            self._replay(index, block, linears, groups, quantize, targets, float_block)
         for param_name, _ in list(block.named_parameters()):
             release(block, param_name)
         self.inputs, self.outputs = self.outputs, self.inputs
+        self.float_in, self.float_out = self.float_out, self.float_in
         return_freed_memory()
 
     def _collector(self, group: list[str], modules: dict[str, nn.Module], quantize: QuantizeModule,
-                   targets: set[str]) -> _Group | None:
+                   targets: set[str]) -> Group | None:
         """Return what gathers a group's inputs and quantizes it, or None when nothing in it is a target."""
         wanted = [n for n in group if n in targets or any(t.startswith(n + ".") for t in targets)]
         if not wanted:
             return None
         first = modules[group[0]]
         if isinstance(first, ExpertLinears):
-            return _ExpertsGroup(self, group[0], first, quantize, targets)
+            return ExpertsGroup(group[0], first, quantize, targets, self.expert_policy, self.fallbacks)
         assert isinstance(first, nn.Linear)
-        return _LinearGroup(HessianAccumulator(first.in_features, self.device), [(n, modules[n]) for n in wanted], quantize,
+        hessian = HessianAccumulator(first.in_features, self.device, self.float_inputs) if self.hessians else None
+        return LinearGroup(hessian, [(n, modules[n]) for n in wanted], quantize,
                             self.device, self.dtype)
 
     def _replay(self, index: int, block: nn.Module, modules: dict[str, nn.Module], groups: list[list[str]],
-                quantize: QuantizeModule, targets: set[str]) -> None:
+                quantize: QuantizeModule, targets: set[str], float_block: nn.Module | None = None) -> None:
         """One pass over the batches per sequential group, each stopped at the group's input, then
-        one full pass for the outputs: more compute, but only one batch's activations alive."""
+        one full pass for the outputs: more compute, but only one batch's activations alive.
+        With `float_block`, each batch also runs the float block to the same group, on the float
+        model's activations, and the group gets both inputs."""
+        prefix = len(self.layout.block_name(index)) + 1
         with torch.no_grad():
             for group in groups:
                 collector = self._collector(group, modules, quantize, targets)
                 if collector is None:
                     continue
+                seen: list[Tensor] = []
 
                 def stop_at_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                                  collector: _Group = collector) -> None:
+                                  collector: Group = collector) -> None:
                     collector.add(args, kwargs)
+                    seen[:] = [args[0] if args else kwargs["input"]]
                     raise Stop  # the rest of the block is not needed for this group
 
-                handle = modules[group[0]].register_forward_pre_hook(stop_at_input, with_kwargs=True)
+                def float_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                                collector: Group = collector) -> None:
+                    if isinstance(collector, LinearGroup):
+                        collector.add_float(seen[0], args[0] if args else kwargs["input"])
+                    raise Stop
+
+                handles = [modules[group[0]].register_forward_pre_hook(stop_at_input, with_kwargs=True)]
+                if float_block is not None:
+                    twin = float_block.get_submodule(group[0][prefix:])
+                    handles.append(twin.register_forward_pre_hook(float_input, with_kwargs=True))
                 try:
                     for b in range(len(self.batches)):
-                        try:
-                            self._forward(index, block, b)
-                        except Stop:
-                            pass
+                        for model, store in ((block, self.inputs), (float_block, self.float_in)):
+                            if model is None:
+                                continue
+                            try:
+                                self._forward(index, model, b, store)
+                            except Stop:
+                                pass
                 finally:
-                    handle.remove()
+                    for handle in handles:
+                        handle.remove()
                 collector.finish()
             for b in range(len(self.batches)):
                 self.outputs.put(b, self._forward(index, block, b))
+                if float_block is not None:
+                    self.float_out.put(b, self._forward(index, float_block, b, self.float_in))
 
     def _single_pass(self, index: int, block: nn.Module, modules: dict[str, nn.Module], groups: list[list[str]],
                      quantize: QuantizeModule, targets: set[str]) -> None:
@@ -241,7 +294,7 @@ class SequentialCalibrator:
         quantized, its weights swapped for the dequantized ones, and the workers move on to the
         next group. Workers take turns (one runs at a time), so torch keeps all cores per op.
         The price is that every batch's in-flight activations are alive at once."""
-        collectors: dict[int, _Group] = {}
+        collectors: dict[int, Group] = {}
         workers = [Worker(functools.partial(self._forward, index, block, b), name=f"calib-{b}") for b in range(len(self.batches))]
 
         def park(group: int) -> Callable[..., None]:
@@ -288,10 +341,10 @@ class SequentialCalibrator:
         block.load_state_dict(state, strict=False, assign=True)
         return block.eval()
 
-    def _forward(self, index: int, block: nn.Module, batch: int) -> Tensor:
+    def _forward(self, index: int, block: nn.Module, batch: int, store: ActivationStore | None = None) -> Tensor:
         kwargs = dict(self.kwargs[index][batch])
         args = kwargs.pop("__args__", ())
-        hidden = self.inputs[batch].to(self.device)
+        hidden = (store or self.inputs)[batch].to(self.device)
         out = block(hidden, *args, **kwargs)
         result: Tensor = out[0] if isinstance(out, tuple) else out
         return result
@@ -329,48 +382,3 @@ class SequentialCalibrator:
             self._groups[key] = groups
             log.debug("sequential groups: %s", groups)
         return [[relative[rel] for rel in group] for group in self._groups[key]]
-
-
-class _Group:
-    """Gathers one sequential group's inputs from every batch, then quantizes the group."""
-
-    def add(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    def finish(self) -> None:
-        raise NotImplementedError
-
-
-class _LinearGroup(_Group):
-    """Linears reading the same input: one Hessian, shared by all of them."""
-
-    def __init__(self, hessian: HessianAccumulator, linears: list[tuple[str, nn.Module]], quantize: QuantizeModule,
-                 device: torch.device, dtype: torch.dtype) -> None:
-        self.hessian, self.linears, self.quantize, self.device, self.dtype = hessian, linears, quantize, device, dtype
-
-    def add(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.hessian.add(args[0] if args else kwargs["input"])
-
-    def finish(self) -> None:
-        stats = self.hessian.stats()
-        for name, linear in self.linears:
-            linear.weight.data = self.quantize(name, stats).to(self.device, self.dtype)
-
-
-class _ExpertsGroup(_Group):
-    """A block's routed experts: their inputs (hidden states and routing) kept, then `calibrate_experts`."""
-
-    def __init__(self, calibrator: SequentialCalibrator, path: str, experts: ExpertLinears, quantize: QuantizeModule,
-                 targets: set[str]) -> None:
-        self.calibrator, self.path, self.experts, self.quantize, self.targets = calibrator, path, experts, quantize, targets
-        self.inputs: list[tuple[Tensor, Tensor]] = []
-
-    def add(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        values = list(args) + [kwargs[k] for k in kwargs]
-        self.inputs.append((values[0].detach(), values[1].detach()))
-
-    def finish(self) -> None:
-        fallbacks = calibrate_experts(self.experts, self.path, self.inputs, self.quantize, self.targets,
-                                      self.calibrator.expert_policy)
-        self.calibrator.fallbacks.update(fallbacks)
-        self.inputs.clear()

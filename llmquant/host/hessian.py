@@ -18,19 +18,31 @@ class HessianAccumulator:
 
     in_features: int
     device: torch.device
+    float_inputs: bool = False
     total: Tensor = field(init=False)
+    delta: Tensor | None = field(init=False, default=None)
     n: int = 0
 
     def __post_init__(self) -> None:
         self.total = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=self.device)
+        if self.float_inputs:
+            self.delta = torch.zeros_like(self.total)
 
     def add(self, x: Tensor) -> None:
         accumulate_hessian(self.total, x)
         self.n += x.numel() // x.shape[-1]
 
+    def add_float(self, x: Tensor, x_float: Tensor) -> None:
+        """Add ``(x_float - x)^T x`` of the same tokens' inputs in the float and in the quantized model."""
+        assert self.delta is not None
+        rows = x.reshape(-1, x.shape[-1]).float()
+        self.delta.addmm_((x_float.reshape(-1, x.shape[-1]).float() - rows).t(), rows)
+
     def stats(self) -> CalibrationStats:
         """The Hessian, scaled in place (no second H-sized matrix): call once, the accumulator is spent."""
-        return CalibrationStats(H=self.total.mul_(2 / max(self.n, 1)), nsamples=self.n)
+        scale = 2 / max(self.n, 1)
+        return CalibrationStats(H=self.total.mul_(scale), nsamples=self.n,
+                                dXXT=self.delta.mul_(scale) if self.delta is not None else None)
 
 
 def accumulate_hessian(total: Tensor, x: Tensor, tile: int = 512) -> None:

@@ -58,18 +58,21 @@ class OutputFolder:
         self.tmp.rename(self.target)
 
     def write_metadata(self, records: list[ModuleRecord], quantization_config: dict[str, Any], config: QuantizeConfig,
-                       provenance: dict[str, Any]) -> None:
+                       provenance: dict[str, Any], model_updates: dict[str, Any] | None = None) -> None:
         """Write config.json with `quantization_config`, quantize_config.json, llmquant.json, the model
         card (README.md) and the tokenizer.
 
         Args:
             provenance: ``base_model``, and the ``algorithm`` and ``format_plugin`` that ran
                 (name, distribution, version; ``calibrated`` for the algorithm), for the run record.
+            model_updates: config.json keys the run changed (``tie_word_embeddings`` false for a
+                head a transform untied).
         """
         from llmquant import __version__
         from llmquant.card import write_card
 
         model_config = json.loads((self.source / "config.json").read_text())
+        model_config.update(model_updates or {})
         model_config["quantization_config"] = quantization_config
         if config.dtype != "auto":
             model_config["dtype"] = config.dtype

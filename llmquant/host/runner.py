@@ -37,6 +37,7 @@ from llmquant.host.moe import KeyMap, OutputNames, defused_skeleton, weight_shap
 from llmquant.host.calibration_data import CalibrationConfig, load_calibration
 from llmquant.host.checkpoint import Checkpoint
 from llmquant.host.output import OutputFolder
+from llmquant.host.transforms import EditedCheckpoint, Transforms, fake_quantizer, transform_steps
 from llmquant.host.resume import PartialRun, disk_full_error, fingerprint_run
 from llmquant.host.source import imported_float_dtype, origin_of
 from llmquant.host.workers import return_freed_memory
@@ -101,7 +102,7 @@ class _Job:
     """One run's moving parts: where tensors come from, what quantizes them, and the current
     block's output tensors and records."""
 
-    def __init__(self, checkpoint: Checkpoint, plan: _Plan, entry: AlgorithmEntry, fmt: OutputFormat, config: QuantizeConfig,
+    def __init__(self, checkpoint: Checkpoint | EditedCheckpoint, plan: _Plan, entry: AlgorithmEntry, fmt: OutputFormat, config: QuantizeConfig,
                  dtype: torch.dtype) -> None:
         self.checkpoint, self.plan, self.entry, self.fmt, self.config = checkpoint, plan, entry, fmt, config
         self.algorithm = entry.cls()
@@ -113,7 +114,9 @@ class _Job:
     def read(self, key: str) -> torch.Tensor:
         """Read a tensor to copy unquantized, cast to the output dtype."""
         tensor = self.checkpoint[key]
-        return tensor.to(self.cast) if self.cast is not None and tensor.is_floating_point() else tensor
+        if not tensor.is_floating_point():
+            return tensor
+        return tensor.to(self.cast if self.cast is not None else self.checkpoint.infos[key].dtype)  # a transform's float32
 
     def note_fallbacks(self, fallbacks: dict[str, int]) -> None:
         """Record the expert projections quantized without calibration (too few routed tokens)."""
@@ -156,17 +159,29 @@ def quantize_checkpoint(
             f"algorithm {config.algo!r} needs calibration data: pass --calib SOURCE (a .txt/.json/.jsonl/.parquet file, "
             f"a folder of them, or a datasets name), e.g. --calib wiki.txt --calib-samples 128 --calib-seqlen 512"
         )
-    checkpoint = Checkpoint(source)
+    source_checkpoint = Checkpoint(source)
+    checkpoint: Checkpoint | EditedCheckpoint = source_checkpoint
     if (check_model := getattr(fmt, "check_model", None)) is not None:
         check_model(source)
     model_config = AutoConfig.from_pretrained(source)
     dtype = output_dtype(json.loads((source / "config.json").read_text()), config.dtype)
     skeleton, keys, moe = defused_skeleton(model_config, checkpoint.infos, weight_shapes(checkpoint.infos))
     layout = find_blocks(skeleton)
-    plan = _plan(layout, checkpoint, config, algo_config, fmt, keys, {keys.disk(g): plain for g, plain in _moe_gates(skeleton, moe, layout).items()},
+    plan = _plan(layout, source_checkpoint, config, algo_config, fmt, keys, {keys.disk(g): plain for g, plain in _moe_gates(skeleton, moe, layout).items()},
                  skeleton, moe)
-    samples = _calibration_samples(source, calibration) if entry.cls.needs_calibration else None
-    fingerprint = fingerprint_run(checkpoint, config.to_dict(), samples, f"{entry.plugin.distribution} {entry.plugin.version}")
+    steps = transform_steps(config.transforms, config.transform_options, plugins, moe=bool(plan.experts),
+                            calibrated=config.calibration.calib is not None)
+    samples = None
+    if entry.cls.needs_calibration or (steps and calibration.calib is not None):
+        samples = _calibration_samples(source, calibration)
+    elif steps:  # data-free transforms: random tokens are all the structure and equivalence checks need
+        vocab = int(getattr(model_config.get_text_config(), "vocab_size", 256))
+        samples = torch.randint(0, vocab, (4, 64), generator=torch.Generator().manual_seed(calibration.seed))
+    fingerprint = fingerprint_run(source_checkpoint, config.to_dict(), samples, f"{entry.plugin.distribution} {entry.plugin.version}")
+    transforms = None
+    if steps:
+        transforms = Transforms(steps, fake_quantizer(entry.cls(), plan.configs, keys), keys)
+        checkpoint = transforms.prepare(skeleton, source_checkpoint, str(model_config.model_type), _hidden_size(model_config))
     folder = OutputFolder(output, source=source, overwrite=overwrite)
     with folder as tmp, _scratch(tmp.parent / f".{output.name}.activations") as spill:
         try:
@@ -181,7 +196,8 @@ def quantize_checkpoint(
                     skeleton, layout, checkpoint, samples, batch_size=calibration.calib_batch_size,
                     dtype=calibration.torch_dtype, device=config.device, memory=parse_size(calibration.calib_memory),
                     spill_dir=spill, mode=calibration.calib_mode, keys=keys, experts=ExpertPolicy(
-                        calibration.moe_calibration, calibration.moe_min_tokens, parse_size(calibration.moe_memory)))
+                        calibration.moe_calibration, calibration.moe_min_tokens, parse_size(calibration.moe_memory)),
+                    transforms=transforms, hessians=entry.cls.needs_calibration, float_inputs=_wants_float_inputs(entry, plan))
                 calibrator.capture_inputs()
                 if done:
                     calibrator.load_inputs(partial.load_activations(done[-1]))
@@ -197,7 +213,8 @@ def quantize_checkpoint(
                               "version": fmt_entry.plugin.version},
         }
         # every record, the router's too: vLLM builds routers as Linear layers and must be told to leave them in float
-        folder.write_metadata(records, fmt.quantization_config(records, dict(algo_config.__dict__), dtype), config, provenance)
+        folder.write_metadata(records, fmt.quantization_config(records, dict(algo_config.__dict__), dtype), config, provenance,
+                              {"tie_word_embeddings": False} if transforms is not None and transforms.untied else {})
         finish = getattr(fmt, "finish", None)
         if finish is not None:  # a format whose files are not the shards (GGUF) converts the finished folder
             finish(tmp, records)
@@ -239,6 +256,17 @@ def resolve_device(name: str) -> str:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LlmquantError(f"--device {name}: CUDA is not available here; use --device cpu")
     return name
+
+
+def _wants_float_inputs(entry: AlgorithmEntry, plan: _Plan) -> bool:
+    """Whether the algorithm asks, for any module's config, for the float model's inputs too (GPTAQ)."""
+    wants = getattr(entry.cls, "wants_float_inputs", None)
+    return callable(wants) and any(wants(c) for c in plan.configs.values() if c is not None)
+
+
+def _hidden_size(model_config: Any) -> int:
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return int(text.hidden_size)
 
 
 def _calibration_samples(source: Path, calibration: CalibrationConfig) -> torch.Tensor:
@@ -328,7 +356,8 @@ def _quantize_blocks(job: _Job, calibrator: SequentialCalibrator | None, partial
         job.tensors, job.records = [], []
         if calibrator is not None:
             calibrator.fallbacks.clear()
-            calibrator.run_block(index, lambda name, stats: job.quantize(plan.keys.disk(name), stats).dequantize(),
+            calibrated = job.entry.cls.needs_calibration  # else calibration only carries transforms' data
+            calibrator.run_block(index, lambda name, stats: job.quantize(plan.keys.disk(name), stats if calibrated else None).dequantize(),
                                  {plan.keys.model(t) for t in targets})
             job.note_fallbacks({plan.keys.disk(n): tokens for n, tokens in calibrator.fallbacks.items()})
             if any(e.startswith(block) for e in plan.experts):  # dense blocks keep calibration's order, as before
@@ -352,6 +381,8 @@ def _quantize_blocks(job: _Job, calibrator: SequentialCalibrator | None, partial
         if calibrator is not None:
             partial.save_activations(index, calibrator.input_tensors())
         fault_point(f"block-{index}")
+        if isinstance(job.checkpoint, EditedCheckpoint):
+            job.checkpoint.drop_block(block)
         job.tensors, job.records = [], []
         return_freed_memory(collect=calibrator is not None)
         progress.update(1)

@@ -47,7 +47,7 @@ def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def references(deep_llama: Path, calib: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
     """File hashes of an uninterrupted run per algorithm, computed once."""
     found = {}
-    for algo in ("rtn", "gptq"):
+    for algo in ("rtn", "gptq", "awq-gptaq"):
         out = tmp_path_factory.mktemp("reference") / algo
         done = run_cli(deep_llama, out, settings_args(algo, calib))
         assert done.returncode == 0, done.stderr[-2000:]
@@ -56,15 +56,17 @@ def references(deep_llama: Path, calib: Path, tmp_path_factory: pytest.TempPathF
 
 
 def settings_args(algo: str, calib: Path) -> list[str]:
-    args = ["--algo", algo, "--group-size", "64", "--max-shard-size", "300KB"]
-    if algo == "gptq":
+    args = ["--algo", algo.replace("awq-gptaq", "gptq"), "--group-size", "64", "--max-shard-size", "300KB"]
+    if algo == "awq-gptaq":  # a transform and the float model's activations, resumed too
+        args += ["--transform", "awq", "--gptaq", "--param", "awq_grid=4"]
+    if algo != "rtn":
         args += ["--calib", str(calib), "--calib-samples", "8", "--calib-seqlen", "32", "--calib-dtype", "float32"]
     return args
 
 
 @pytest.mark.parametrize("algo,kill_at", [
     ("rtn", "block-0-before-save"), ("rtn", "block-1"), ("rtn", "assemble"), ("rtn", "shards-written"), ("rtn", "before-rename"),
-    ("gptq", "block-0"), ("gptq", "block-2-before-save"),
+    ("gptq", "block-0"), ("gptq", "block-2-before-save"), ("awq-gptaq", "block-1"),
 ])
 def test_killed_run_leaves_no_target_and_resumes_byte_identical(deep_llama: Path, calib: Path, tmp_path: Path,
                                                                    references: dict[str, dict[str, str]], algo: str,

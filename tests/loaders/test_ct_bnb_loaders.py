@@ -28,6 +28,8 @@ CT_CASES: dict[str, dict[str, Any]] = {
     "gptq-w4-static-groups": {"algo": "gptq", "bits": 4, "group_size": 64, "desc_act": True, "static_groups": True,
                               "act_group_aware": False},
     "rtn-w4-ignore-q_proj": {"bits": 4, "group_size": 128, "ignore": [r"self_attn\.q_proj$"]},
+    "awq-rtn-w4": {"bits": 4, "group_size": 64, "transforms": ["awq"]},
+    "rotate-gptq-w4": {"algo": "gptq", "bits": 4, "group_size": 64, "transforms": ["rotate"]},
 }
 
 BNB_CASES: dict[str, dict[str, Any]] = {
@@ -35,6 +37,7 @@ BNB_CASES: dict[str, dict[str, Any]] = {
     "nf4-bs64-double-quant": {"algo": "nf4", "double_quant": True},
     "fp4-bs128-double-quant": {"algo": "nf4", "codebook": "fp4", "blocksize": 128, "double_quant": True},
     "nf4-ignore-down_proj": {"algo": "nf4", "ignore": [r"mlp\.down_proj$"]},
+    "awq-nf4": {"algo": "nf4", "transforms": ["awq"]},
 }
 
 
@@ -47,7 +50,7 @@ def _cosine(ours: Any, theirs: Any) -> float:
 
 def _quantize(case: dict[str, Any], source: Path, out: Path, tmp_path: Path, pm: Plugins) -> None:
     settings = dict(case)
-    if settings.get("algo") == "gptq":
+    if settings.get("algo") == "gptq" or "awq" in settings.get("transforms", ()):
         from conftest import calibration_file
 
         settings.update(calib=str(calibration_file(tmp_path)), calib_samples=16, calib_seqlen=64)

@@ -34,6 +34,10 @@ CASES: dict[str, dict[str, Any]] = {
                               "act_group_aware": False},
     "gptq-w4-asym-desc-act": {"algo": "gptq", "bits": 4, "group_size": 32, "symmetric": False, "desc_act": True,
                               "act_group_aware": False},
+    # block transforms: the same architecture with new weights, which the loaders take unchanged
+    "awq-gptq-w4": {"algo": "gptq", "bits": 4, "group_size": 64, "transforms": ["awq"]},
+    "rotate-rtn-w4": {"bits": 4, "group_size": 64, "transforms": ["rotate"]},
+    "rotate-gptaq-w4": {"algo": "gptq", "bits": 4, "group_size": 64, "transforms": ["rotate"], "gptaq": True},
 }
 
 
@@ -56,7 +60,7 @@ def test_gptqmodel_logits_match_ours(case: str, skewed_llama: Path, tmp_path: Pa
 
     out = tmp_path / case
     settings = dict(CASES[case])
-    if settings.get("algo") == "gptq":
+    if settings.get("algo") == "gptq" or "awq" in settings.get("transforms", ()):
         from conftest import calibration_file
 
         settings.update(calib=str(calibration_file(tmp_path)), calib_samples=16, calib_seqlen=64)

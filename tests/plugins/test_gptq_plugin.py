@@ -242,3 +242,34 @@ def test_gptq_on_a_k_quant_grid_keeps_its_scales_there_and_beats_rtn(variant: st
     assert output_error(W, result.dequantize(), H) < 0.8 * rtn
     fallback = GPTQ().quantize_weight(W, config, None)  # no calibration reached it: round to nearest, on the grid too
     assert _on_grid(fallback.scales, 256 // group, levels)
+
+
+def _asymmetric_layer(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight, the quantized model's inputs X and the float model's X_float: X drifted by what
+    the earlier quantized layers did to it (mostly a linear map of X, plus noise)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(2048, 128, generator=g) * torch.exp(torch.randn(128, generator=g))
+    drift = 0.3 * torch.randn(128, 128, generator=g) / 128**0.5
+    X_float = X @ (torch.eye(128) + drift) + 0.02 * torch.randn(2048, 128, generator=g) * X.std(0)
+    return torch.randn(64, 128, generator=g) * 0.05, X, X_float
+
+
+@pytest.mark.parametrize("variant", ["natural", "act-group-aware", "desc-act"])
+def test_gptaq_fits_the_float_models_output(variant: str) -> None:
+    """GPTAQ's objective (arXiv:2504.02692) brings Q x close to W x_float where GPTQ leaves the drift; with
+    no drift it is GPTQ."""
+    W, X, X_float = _asymmetric_layer()
+    n = X.shape[0]
+    H, dXXT = 2 * X.t() @ X / n, 2 * (X_float - X).t() @ X / n
+
+    def error(Q: torch.Tensor) -> float:
+        return float((X_float @ W.t() - X @ Q.t()).pow(2).mean())
+
+    config = GPTQConfig(bits=3, group_size=32, gptaq=True, gptaq_alpha=1.0, **CONFIGS[variant])
+    plain = gptq_quantize(W, H, config)
+    same = gptq_quantize(W, H, config, dXXT=torch.zeros_like(H))
+    assert torch.equal(plain.codes, same.codes) and torch.equal(plain.scales, same.scales)
+    full = gptq_quantize(W, H, config, dXXT=dXXT)
+    part = gptq_quantize(W, H, dataclasses.replace(config, gptaq_alpha=0.25), dXXT=dXXT)
+    assert error(full.dequantize()) < error(part.dequantize()) < error(plain.dequantize())
+    assert error(full.dequantize()) < 0.5 * error(plain.dequantize())

@@ -42,6 +42,11 @@ CASES: dict[str, dict[str, Any]] = {
     "groupwise-w4-gptq": {"algo": "groupwise-int4", "bits": 4, "group_size": 64},
     "groupwise-w4-asym-compressed-tensors": {"algo": "groupwise-int4", "bits": 4, "group_size": 64, "symmetric": False,
                                              "format": "compressed-tensors"},
+    # block transforms: new weights in the same architecture; rotate unties SmolLM2's tied head
+    "awq-gptq-w4-gptq": {"algo": "gptq", "bits": 4, "group_size": 64, "transforms": ["awq"], "calib_samples": 16,
+                         "calib_seqlen": 256},
+    "rotate-gptq-w4-gptq": {"algo": "gptq", "bits": 4, "group_size": 64, "transforms": ["rotate"], "calib_samples": 16,
+                            "calib_seqlen": 256},
 }
 
 
@@ -61,7 +66,8 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _output(outputs: Path, case: str, settings: dict[str, Any]) -> Path:
     out = outputs / case
     if not out.exists():
-        extra = {"calib": wiki_extracts_path()} if settings.get("algo") == "gptq" else {}
+        calibrated = settings.get("algo") == "gptq" or "awq" in settings.get("transforms", ())
+        extra = {"calib": wiki_extracts_path()} if calibrated else {}
         quantize(None, out, {**settings, **extra, "dtype": "float16"})
     return out
 
