@@ -71,6 +71,12 @@ class QuantizeConfig:
         transforms: block transforms applied in order before quantizing (see ``llmquant transforms``).
         transform_options: the transforms' own settings, validated by their ``config_type``
             (``awq_grid``, ``rotate_seed``).
+        executor: where the work runs: "local" (this process) or "ray" (a Ray cluster); the output
+            is the same bytes either way (docs/distributed.md).
+        ray_address: the Ray cluster to join ("auto", "ray://host:10001", "host:6379"); unset
+            starts a local one for the run.
+        workers: how many workers run at once (local: threads, default every core; ray: default
+            every CPU of the cluster).
     """
 
     algo: str = "rtn"
@@ -87,12 +93,17 @@ class QuantizeConfig:
     transforms: tuple[str, ...] = ()
     transform_options: Mapping[str, Any] = field(default_factory=dict)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         try:
             parse_size(self.max_shard_size)
         except ValueError as exc:
             raise ConfigError("max_shard_size", self.max_shard_size, "a size such as 2GB or 500MiB") from exc
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError("workers", self.workers, "at least 1")
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", self.dtype, f"one of {', '.join(DTYPES)}")
         if self.expert_names not in EXPERT_NAMES:
@@ -104,7 +115,8 @@ class QuantizeConfig:
                 raise ConfigError("ignore/overrides pattern", pattern, f"a valid regular expression ({exc})") from exc
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the config as plain data for the output's metadata."""
+        """Return the config as plain data for the output's metadata (where the work ran is not part
+        of it: the output is the same bytes on any executor)."""
         return {
             "algo": self.algo, "format": self.format, "ignore": list(self.ignore),
             "overrides": [{"pattern": o.pattern, **o.params} for o in self.overrides],

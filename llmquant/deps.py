@@ -19,6 +19,7 @@ __all__ = ["EXTRAS", "INTEGRATIONS", "MissingDependency", "available", "require"
 # extra name -> the distributions it installs (kept equal to pyproject.toml by a test)
 EXTRAS: dict[str, tuple[str, ...]] = {
     "loaders": ("gptqmodel", "optimum", "defuser", "compressed-tensors", "bitsandbytes"),
+    "ray": ("ray",),
 }
 
 

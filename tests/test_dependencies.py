@@ -92,7 +92,7 @@ def test_deps_extras_match_pyproject() -> None:
     declared = {name: {_name(r) for r in reqs} for name, reqs in PYPROJECT["project"]["optional-dependencies"].items()}
     for extra, distributions in EXTRAS.items():
         assert {_name(d) for d in distributions} == declared[extra]
-    assert "llmquant[loaders]" in PYPROJECT["project"]["optional-dependencies"]["dev"]
+    assert "llmquant[loaders,ray]" in PYPROJECT["project"]["optional-dependencies"]["dev"]  # dev tests every extra
     for modules in INTEGRATIONS.values():
         for module in modules:
             assert DISTRIBUTIONS.get(module, set()) & declared["loaders"], module

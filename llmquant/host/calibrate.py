@@ -92,14 +92,16 @@ class SequentialCalibrator:
             carries the transforms' data and the activations from block to block).
         float_inputs: also run the float model alongside (a float copy of each block on its own
             activations) and give each Linear group ``dXXT`` (GPTAQ); forces replay mode.
+        partials: keep each batch's ``x x^T`` apart instead of summing (a distributed worker,
+            whose driver adds every worker's batches in batch order).
     """
 
     def __init__(self, model: nn.Module, layout: BlockLayout, checkpoint: Checkpoint | EditedCheckpoint, samples: Tensor, *,
                  batch_size: int, dtype: torch.dtype, device: str, memory: int, spill_dir: Path, mode: str = "auto",
                  keys: KeyMap | None = None, experts: ExpertPolicy | None = None, transforms: Transforms | None = None,
-                 hessians: bool = True, float_inputs: bool = False) -> None:
+                 hessians: bool = True, float_inputs: bool = False, partials: bool = False) -> None:
         self.model, self.layout, self.checkpoint = model, layout, checkpoint
-        self.transforms, self.hessians, self.float_inputs = transforms, hessians, float_inputs
+        self.transforms, self.hessians, self.float_inputs, self.partials = transforms, hessians, float_inputs, partials
         self.keys = keys or KeyMap({}, {})
         self.expert_policy = experts or ExpertPolicy()
         self.fallbacks: dict[str, int] = {}  # expert projections quantized without calibration -> tokens seen
@@ -115,6 +117,11 @@ class SequentialCalibrator:
         self._groups: dict[tuple[str, ...], list[list[str]]] = {}
         self.memory, self.mode = memory, mode
         self.single_pass = mode == "single-pass"
+        self._float_block: nn.Module | None = None  # the current block's state, from begin_block to end_block
+        self._workers: list[Worker] = []
+        self._handles: list[Any] = []
+        self._group_list: list[list[str]] = []
+        self._collectors: dict[int, Group | None] = {}
         share_malloc_arena()
         bound_onednn_cache()
 
@@ -192,34 +199,84 @@ class SequentialCalibrator:
     def run_block(self, index: int, quantize: QuantizeModule, targets: set[str]) -> None:
         """Calibrate and quantize block `index`, then compute its outputs as the next block's inputs.
 
+        The phases below in order (`begin_block`, then `collect` and ``finish`` per group,
+        then `end_block`); a distributed executor drives the same phases on each worker's
+        batches and replaces ``finish`` by a reduction of the workers' partial sums.
+
         Args:
             quantize: called once per Linear in `targets` (full skeleton names) with its input
                 statistics, in true-sequential order; returns the dequantized weight to continue with.
         """
+        groups = self.begin_block(index, quantize, targets)
+        for g in range(len(groups)):
+            collector = self.collect(g)
+            if collector is not None:
+                collector.finish()
+        self.end_block()
+
+    def begin_block(self, index: int, quantize: QuantizeModule, targets: set[str]) -> list[list[str]]:
+        """Load block `index` (transformed, when transforms are set) and return its sequential groups.
+
+        A block with nothing to measure (no Hessians and no experts) is quantized here, and has no groups.
+        """
         block = self._materialize(index)
         if self.transforms is not None:
             self.transforms.apply(self, index, block)
-        float_block = copy.deepcopy(block) if self.float_inputs else None
+        self._float_block = copy.deepcopy(block) if self.float_inputs else None
         name = self.layout.block_name(index)
         experts = {f"{name}.{rel}": m for rel, m in block.named_modules() if isinstance(m, ExpertLinears)}
         linears: dict[str, nn.Module] = {f"{name}.{rel}": m for rel, m in block.named_modules() if isinstance(m, nn.Linear)
                                          and not any(f"{name}.{rel}".startswith(e + ".") for e in experts)}
         linears.update(experts)  # an experts module is one group, calibrated by `calibrate_experts`
-        if not self.hessians and not experts:  # nothing to measure: quantize, then carry the activations on
+        self._index, self._block, self._modules = index, block, linears
+        self._quantize, self._targets = quantize, targets
+        if not self.hessians and not experts:  # nothing to measure: quantize now, then carry the activations on
             with torch.no_grad():
                 for module, linear in linears.items():
                     if module in targets:
                         linear.weight.data = quantize(module, None).to(self.device, self.dtype)
-                for b in range(len(self.batches)):
-                    self.outputs.put(b, self._forward(index, block, b))
-        elif self.single_pass:
-            groups = self._sequential_groups(index, block, linears, set(experts))
-            self._single_pass(index, block, linears, groups, quantize, targets)
-        else:
-            groups = self._sequential_groups(index, block, linears, set(experts))
-            self._replay(index, block, linears, groups, quantize, targets, float_block)
-        for param_name, _ in list(block.named_parameters()):
-            release(block, param_name)
+            self._group_list = []
+            return []
+        self._group_list = self._sequential_groups(index, block, linears, set(experts))
+        if self.single_pass:
+            self._start_workers()
+        return self._group_list
+
+    def collect(self, g: int) -> Group | None:
+        """Run every batch to group `g`'s input and return what gathered it (None: nothing in it is a target).
+
+        The caller then finishes the group (``finish()``, or sets the quantized weights itself)
+        before collecting the next one.
+        """
+        collector = self._collector(self._group_list[g], self._modules, self._quantize, self._targets)
+        if self.single_pass:
+            self._collectors[g] = collector
+            for worker in self._workers:
+                worker.step()
+            self._collectors.pop(g)
+        elif collector is not None:
+            self._replay_to(g, collector)
+        return collector
+
+    def end_block(self) -> None:
+        """Compute the block's outputs as the next block's inputs, and free the block."""
+        try:
+            if self.single_pass and self._group_list:
+                for b, worker in enumerate(self._workers):
+                    worker.step()
+                    assert worker.result is not None
+                    self.outputs.put(b, worker.result)
+            else:
+                with torch.no_grad():
+                    for b in range(len(self.batches)):
+                        self.outputs.put(b, self._forward(self._index, self._block, b))
+                        if self._float_block is not None:
+                            self.float_out.put(b, self._forward(self._index, self._float_block, b, self.float_in))
+        finally:
+            self._stop_workers()
+        for param_name, _ in list(self._block.named_parameters()):
+            release(self._block, param_name)
+        self._float_block = None
         self.inputs, self.outputs = self.outputs, self.inputs
         self.float_in, self.float_out = self.float_out, self.float_in
         return_freed_memory()
@@ -234,68 +291,56 @@ class SequentialCalibrator:
         if isinstance(first, ExpertLinears):
             return ExpertsGroup(group[0], first, quantize, targets, self.expert_policy, self.fallbacks)
         assert isinstance(first, nn.Linear)
-        hessian = HessianAccumulator(first.in_features, self.device, self.float_inputs) if self.hessians else None
+        hessian = HessianAccumulator(first.in_features, self.device, self.float_inputs, self.partials) if self.hessians else None
         return LinearGroup(hessian, [(n, modules[n]) for n in wanted], quantize,
                             self.device, self.dtype)
 
-    def _replay(self, index: int, block: nn.Module, modules: dict[str, nn.Module], groups: list[list[str]],
-                quantize: QuantizeModule, targets: set[str], float_block: nn.Module | None = None) -> None:
-        """One pass over the batches per sequential group, each stopped at the group's input, then
-        one full pass for the outputs: more compute, but only one batch's activations alive.
-        With `float_block`, each batch also runs the float block to the same group, on the float
-        model's activations, and the group gets both inputs."""
-        prefix = len(self.layout.block_name(index)) + 1
-        with torch.no_grad():
-            for group in groups:
-                collector = self._collector(group, modules, quantize, targets)
-                if collector is None:
-                    continue
-                seen: list[Tensor] = []
+    def _replay_to(self, g: int, collector: Group) -> None:
+        """Replay: one pass over the batches stopped at group `g`'s input (one batch's activations
+        alive; the outputs take one more pass in `end_block`). With the float block (GPTAQ), each
+        batch also runs the float block to the same group, on the float model's activations, and
+        the group gets both inputs."""
+        group, modules, float_block = self._group_list[g], self._modules, self._float_block
+        prefix = len(self.layout.block_name(self._index)) + 1
+        seen: list[Tensor] = []
 
-                def stop_at_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                                  collector: Group = collector) -> None:
-                    collector.add(args, kwargs)
-                    seen[:] = [args[0] if args else kwargs["input"]]
-                    raise Stop  # the rest of the block is not needed for this group
+        def stop_at_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            collector.add(args, kwargs)
+            seen[:] = [args[0] if args else kwargs["input"]]
+            raise Stop  # the rest of the block is not needed for this group
 
-                def float_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                                collector: Group = collector) -> None:
-                    if isinstance(collector, LinearGroup):
-                        collector.add_float(seen[0], args[0] if args else kwargs["input"])
-                    raise Stop
+        def float_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if isinstance(collector, LinearGroup):
+                collector.add_float(seen[0], args[0] if args else kwargs["input"])
+            raise Stop
 
-                handles = [modules[group[0]].register_forward_pre_hook(stop_at_input, with_kwargs=True)]
-                if float_block is not None:
-                    twin = float_block.get_submodule(group[0][prefix:])
-                    handles.append(twin.register_forward_pre_hook(float_input, with_kwargs=True))
-                try:
-                    for b in range(len(self.batches)):
-                        for model, store in ((block, self.inputs), (float_block, self.float_in)):
-                            if model is None:
-                                continue
-                            try:
-                                self._forward(index, model, b, store)
-                            except Stop:
-                                pass
-                finally:
-                    for handle in handles:
-                        handle.remove()
-                collector.finish()
-            for b in range(len(self.batches)):
-                self.outputs.put(b, self._forward(index, block, b))
-                if float_block is not None:
-                    self.float_out.put(b, self._forward(index, float_block, b, self.float_in))
+        handles = [modules[group[0]].register_forward_pre_hook(stop_at_input, with_kwargs=True)]
+        if float_block is not None:
+            twin = float_block.get_submodule(group[0][prefix:])
+            handles.append(twin.register_forward_pre_hook(float_input, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                for b in range(len(self.batches)):
+                    for model, store in ((self._block, self.inputs), (float_block, self.float_in)):
+                        if model is None:
+                            continue
+                        try:
+                            self._forward(self._index, model, b, store)
+                        except Stop:
+                            pass
+        finally:
+            for handle in handles:
+                handle.remove()
 
-    def _single_pass(self, index: int, block: nn.Module, modules: dict[str, nn.Module], groups: list[list[str]],
-                     quantize: QuantizeModule, targets: set[str]) -> None:
-        """One forward pass per batch does it all: each batch runs in its own worker thread, and a
-        hook on the first module of every sequential group parks the worker there. Once every
-        batch is parked at a group, the group's inputs cover all calibration tokens; the group is
-        quantized, its weights swapped for the dequantized ones, and the workers move on to the
-        next group. Workers take turns (one runs at a time), so torch keeps all cores per op.
-        The price is that every batch's in-flight activations are alive at once."""
-        collectors: dict[int, Group] = {}
-        workers = [Worker(functools.partial(self._forward, index, block, b), name=f"calib-{b}") for b in range(len(self.batches))]
+    def _start_workers(self) -> None:
+        """Single-pass: each batch runs in its own worker thread, and a hook on the first module of
+        every sequential group parks the worker there. Once every batch is parked at a group, the
+        group's inputs cover all calibration tokens; the group is quantized, its weights swapped
+        for the dequantized ones, and the workers move on to the next group. Workers take turns
+        (one runs at a time), so torch keeps all cores per op. The price is that every batch's
+        in-flight activations are alive at once."""
+        groups, index, block = self._group_list, self._index, self._block
+        self._collectors = {}
 
         def park(group: int) -> Callable[..., None]:
             def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -304,34 +349,26 @@ class SequentialCalibrator:
                     return
                 if worker.next_group != group:
                     raise RuntimeError(f"{groups[group][0]} ran out of the order seen when probing the block")
-                if group in collectors:
-                    collectors[group].add(args, kwargs)
+                if (collector := self._collectors.get(group)) is not None:
+                    collector.add(args, kwargs)
                 worker.next_group += 1
                 worker.park()
 
             return hook
 
-        handles = [modules[group[0]].register_forward_pre_hook(park(g), with_kwargs=True) for g, group in enumerate(groups)]
-        try:
-            for worker in workers:
-                worker.start()
-            for g, group in enumerate(groups):
-                collector = self._collector(group, modules, quantize, targets)
-                if collector is not None:
-                    collectors[g] = collector
-                for worker in workers:
-                    worker.step()
-                if collector is not None:
-                    collectors.pop(g).finish()
-            for b, worker in enumerate(workers):
-                worker.step()
-                assert worker.result is not None
-                self.outputs.put(b, worker.result)
-        finally:
-            for h in handles:
-                h.remove()
-            for worker in workers:
-                worker.abort()
+        self._handles = [self._modules[group[0]].register_forward_pre_hook(park(g), with_kwargs=True)
+                         for g, group in enumerate(groups)]
+        self._workers = [Worker(functools.partial(self._forward, index, block, b), name=f"calib-{b}")
+                         for b in range(len(self.batches))]
+        for worker in self._workers:
+            worker.start()
+
+    def _stop_workers(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for worker in self._workers:
+            worker.abort()
+        self._handles, self._workers = [], []
 
     def _materialize(self, index: int) -> nn.Module:
         prefix = self.layout.block_name(index) + "."

@@ -36,6 +36,7 @@ from llmquant.host.expert_calibration import ExpertPolicy
 from llmquant.host.moe import KeyMap, OutputNames, defused_skeleton, weight_shapes
 from llmquant.host.calibration_data import CalibrationConfig, load_calibration
 from llmquant.host.checkpoint import Checkpoint
+from llmquant.host.executor import Executor, make_executor
 from llmquant.host.output import OutputFolder
 from llmquant.host.transforms import EditedCheckpoint, Transforms, fake_quantizer, transform_steps
 from llmquant.host.resume import PartialRun, disk_full_error, fingerprint_run
@@ -125,11 +126,25 @@ class _Job:
 
     def quantize(self, module: str, stats: CalibrationStats | None) -> QuantResult:
         """Quantize one Linear from the source checkpoint and keep its output tensors."""
+        return self.quantize_into(module, stats, self.tensors, self.records)
+
+    def quantize_into(self, module: str, stats: CalibrationStats | None, tensors: list[tuple[str, torch.Tensor]],
+                      records: list[ModuleRecord]) -> QuantResult:
+        """Quantize one Linear from the source checkpoint, adding its output tensors and record to the lists given."""
         W = self.checkpoint[f"{module}.weight"].to(self.config.device)
         result: QuantResult = _run_algorithm(self.algorithm, self.entry, module, W, self.plan.configs[module], stats)
-        self.tensors.extend((f"{module}.{name}", t) for name, t in self.fmt.tensors(result, self.dtype).items())
-        self.records.append(record_for(module, _shape2(tuple(W.shape)), result))
+        tensors.extend((f"{module}.{name}", t) for name, t in self.fmt.tensors(result, self.dtype).items())
+        records.append(record_for(module, _shape2(tuple(W.shape)), result))
         return result
+
+    def block_records(self, block: str) -> list[ModuleRecord]:
+        """The records of block `block`'s (a name prefix) weight matrices left in float."""
+        plan = self.plan
+        records = [ModuleRecord(n, _shape2(self.checkpoint.infos[f"{n}.weight"].shape))
+                   for n, c in plan.configs.items() if c is None and n.startswith(block) and n not in plan.kept]
+        records.extend(ModuleRecord(n, shape, extra={"kept": reason}) for n, (shape, reason) in plan.kept.items()
+                       if n.startswith(block))
+        return records
 
 
 def quantize_checkpoint(
@@ -201,7 +216,11 @@ def quantize_checkpoint(
                 calibrator.capture_inputs()
                 if done:
                     calibrator.load_inputs(partial.load_activations(done[-1]))
-            _quantize_blocks(job, calibrator, partial, len(done))
+            executor = make_executor(config.executor, address=config.ray_address, workers=config.workers)
+            try:
+                _quantize_blocks(job, calibrator, partial, len(done), executor)
+            finally:
+                executor.close()
             records = _assemble(job, partial, tmp)
         except OSError as exc:
             raise disk_full_error(exc, tmp) from exc
@@ -344,42 +363,46 @@ def _moe_gates(model: Any, experts: list[str], layout: BlockLayout) -> dict[str,
     return gates
 
 
-def _quantize_blocks(job: _Job, calibrator: SequentialCalibrator | None, partial: PartialRun, start: int) -> None:
+def _quantize_blocks(job: _Job, calibrator: SequentialCalibrator | None, partial: PartialRun, start: int,
+                     executor: Executor) -> None:
     """Quantize blocks `start`.. and store each, with the activations after it, in the partial folder."""
     plan = job.plan
     keys = _keys_by_block(job)
     order = {name: i for i, name in enumerate(plan.configs)}
     progress = tqdm(range(plan.layout.count), desc=f"{job.config.algo} -> {job.config.format}", unit="block", initial=start)
+    if calibrator is None:  # independent blocks: the executor's workers quantize them, the driver writes in order
+        items = [(index, keys.get(index, [])) for index in range(start, plan.layout.count)]
+        for (index, _), (tensors, records) in zip(items, executor.map_blocks(uncalibrated_block, job, items)):
+            fault_point(f"block-{index}-before-save")
+            partial.write_block(index, tensors, records)
+            fault_point(f"block-{index}")
+            return_freed_memory(collect=False)
+            progress.update(1)
+        progress.close()
+        return
     for index in range(start, plan.layout.count):
         block = plan.layout.block_name(index) + "."
         targets = {n for n, c in plan.configs.items() if c is not None and n.startswith(block)}
         job.tensors, job.records = [], []
-        if calibrator is not None:
-            calibrator.fallbacks.clear()
-            calibrated = job.entry.cls.needs_calibration  # else calibration only carries transforms' data
-            calibrator.run_block(index, lambda name, stats: job.quantize(plan.keys.disk(name), stats if calibrated else None).dequantize(),
-                                 {plan.keys.model(t) for t in targets})
-            job.note_fallbacks({plan.keys.disk(n): tokens for n, tokens in calibrator.fallbacks.items()})
-            if any(e.startswith(block) for e in plan.experts):  # dense blocks keep calibration's order, as before
-                # the plan's (module) order, not calibration's, which depends on how experts were chunked
-                job.tensors.sort(key=lambda item: order[item[0].rpartition(".")[0]])
-                job.records.sort(key=lambda record: order[record.name])
+        calibrator.fallbacks.clear()
+        calibrated = job.entry.cls.needs_calibration  # else calibration only carries transforms' data
+        calibrator.run_block(index, lambda name, stats: job.quantize(plan.keys.disk(name), stats if calibrated else None).dequantize(),
+                             {plan.keys.model(t) for t in targets})
+        job.note_fallbacks({plan.keys.disk(n): tokens for n, tokens in calibrator.fallbacks.items()})
+        if any(e.startswith(block) for e in plan.experts):  # dense blocks keep calibration's order, as before
+            # the plan's (module) order, not calibration's, which depends on how experts were chunked
+            job.tensors.sort(key=lambda item: order[item[0].rpartition(".")[0]])
+            job.records.sort(key=lambda record: order[record.name])
         for key in keys.get(index, []):
             module, _, leaf = key.rpartition(".")
             if module not in targets or leaf != "weight":
                 job.tensors.append((key, job.read(key)))
-            elif calibrator is None:
-                job.quantize(module, None)
-        job.records.extend(ModuleRecord(n, _shape2(job.checkpoint.infos[f"{n}.weight"].shape))
-                           for n, c in plan.configs.items() if c is None and n.startswith(block) and n not in plan.kept)
-        job.records.extend(ModuleRecord(n, shape, extra={"kept": reason}) for n, (shape, reason) in plan.kept.items()
-                           if n.startswith(block))
+        job.records.extend(job.block_records(block))
         fault_point(f"block-{index}-before-save")
         rename = plan.output_names
         partial.write_block(index, [(rename(k), t) for k, t in job.tensors],
                             [dataclasses.replace(r, name=rename(r.name)) for r in job.records])
-        if calibrator is not None:
-            partial.save_activations(index, calibrator.input_tensors())
+        partial.save_activations(index, calibrator.input_tensors())
         fault_point(f"block-{index}")
         if isinstance(job.checkpoint, EditedCheckpoint):
             job.checkpoint.drop_block(block)
@@ -388,6 +411,26 @@ def _quantize_blocks(job: _Job, calibrator: SequentialCalibrator | None, partial
         progress.update(1)
     progress.close()
     job.tensors, job.records = [], []
+
+
+def uncalibrated_block(job: _Job, item: tuple[int, list[str]]) -> tuple[list[tuple[str, torch.Tensor]], list[ModuleRecord]]:
+    """Quantize one block without calibration: item is (block index, its checkpoint keys); returns the
+    block's output tensors and records, under the names they are written. Safe to run on several
+    threads at once, and on a Ray worker (the job travels pickled)."""
+    index, keys = item
+    plan = job.plan
+    block = plan.layout.block_name(index) + "."
+    tensors: list[tuple[str, torch.Tensor]] = []
+    records: list[ModuleRecord] = []
+    for key in keys:
+        module, _, leaf = key.rpartition(".")
+        if plan.configs.get(module) is None or leaf != "weight":
+            tensors.append((key, job.read(key)))
+        else:
+            job.quantize_into(module, None, tensors, records)
+    records.extend(job.block_records(block))
+    rename = plan.output_names
+    return [(rename(k), t) for k, t in tensors], [dataclasses.replace(r, name=rename(r.name)) for r in records]
 
 
 def _keys_by_block(job: _Job) -> dict[int, list[str]]:

@@ -57,9 +57,14 @@ def test_the_float_model_runs_beside_the_quantized_one(pm: Plugins, tmp_path: Pa
 
 
 def test_gptaq_fits_the_float_model_better_than_gptq(pm: Plugins, tmp_path: Path) -> None:
+    """On average over calibration draws: one draw of 16 x 32 tokens on a tiny model goes either way
+    (GPTAQ was better in 6 of 8 draws, 12% on average)."""
     folder = _model(tmp_path / "m")
-    settings = {"algo": "gptq", "bits": 3, "group_size": 32, "calib": str(calibration_file(tmp_path)), "calib_samples": 16,
-                "calib_seqlen": 32}
-    quantize(folder, tmp_path / "gptq", settings, plugins=pm)
-    quantize(folder, tmp_path / "gptaq", {**settings, "gptaq": True}, plugins=pm)
-    assert _error(folder, tmp_path / "gptaq") < _error(folder, tmp_path / "gptq")
+    errors: dict[str, float] = {"gptq": 0.0, "gptaq": 0.0}
+    for seed in range(3):
+        settings = {"algo": "gptq", "bits": 3, "group_size": 32, "calib": str(calibration_file(tmp_path)), "calib_samples": 16,
+                    "calib_seqlen": 32, "seed": seed}
+        for name, extra in (("gptq", {}), ("gptaq", {"gptaq": True})):
+            quantize(folder, tmp_path / f"{name}-{seed}", {**settings, **extra}, plugins=pm)
+            errors[name] += _error(folder, tmp_path / f"{name}-{seed}")
+    assert errors["gptaq"] < 0.95 * errors["gptq"], errors

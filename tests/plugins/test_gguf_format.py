@@ -241,8 +241,8 @@ def test_a_run_whose_gguf_writing_fails_resumes_without_requantizing(llama_bpe: 
     monkeypatch.setattr("llmquant_plugins.gguf_format.write_gguf", write)
     quantized = []
     quantize_blocks = runner._quantize_blocks
-    monkeypatch.setattr(runner, "_quantize_blocks", lambda job, cal, part, start: quantized.append(start) or
-                        quantize_blocks(job, cal, part, start))
+    monkeypatch.setattr(runner, "_quantize_blocks", lambda job, cal, part, start, executor: quantized.append(start) or
+                        quantize_blocks(job, cal, part, start, executor))
     quantize(llama_bpe, out, {"format": "gguf", "gguf_type": "q4_0", "group_size": 32}, resume=True)
     assert quantized == [2]  # both blocks were done: nothing quantized again
     assert (out / "model.gguf").read_bytes() == (q4_0 / "model.gguf").read_bytes()
