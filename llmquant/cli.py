@@ -73,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="single-pass: one forward per block, all batches in flight (fastest); replay: one pass per "
                    "sequential group, one batch in flight; auto (default): single-pass when it fits --calib-memory")
     c.add_argument("--seed", type=int, help="seed for the order of calibration documents (default 0)")
+    x = q.add_argument_group("where the work runs (the output is the same bytes on any executor; docs/distributed.md)")
+    x.add_argument("--executor", choices=["local", "ray"], help="local (default: this process) or ray (a Ray cluster)")
+    x.add_argument("--ray-address", help="the Ray cluster to join: HOST:PORT, ray://HOST:PORT or auto (default: start a local one)")
+    x.add_argument("--workers", type=int, help="workers at once (local: threads, default every core; ray: default every CPU)")
     g = q.add_argument_group("GGUF output (--format gguf: llama.cpp, Ollama, LM Studio)")
     g.add_argument("--gguf-type", help="block type of the quantized Linears: auto (default: the smallest that holds the "
                    "codes exactly), q4_0, q4_1, q5_0, q8_0, f16")
@@ -182,7 +186,7 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             "calib", "calib_samples", "calib_seqlen", "calib_split", "calib_column", "calib_config", "calib_chat_template",
             "calib_batch_size", "calib_dtype", "calib_memory", "calib_mode", "seed", "damp_percent", "desc_act", "static_groups",
             "act_group_aware", "mse", "mse_weight", "gptaq", "gptaq_alpha", "blocksize", "double_quant", "codebook", "moe_calibration",
-            "moe_min_tokens", "moe_memory", "gguf_type", "gguf_embedding_type")},
+            "moe_min_tokens", "moe_memory", "gguf_type", "gguf_embedding_type", "executor", "ray_address", "workers")},
     }
     settings.update({k: v for k, v in flags.items() if v is not None})
     if args.per_channel:

@@ -45,7 +45,9 @@ def test_param_flag_and_per_channel(tiny_llama: Path, tmp_path: Path) -> None:
     (["--algo", "rtn", "--format", "bitsandbytes"], "use one of: compressed-tensors, gguf, gptq, gptq_v2"),
     (["--format", "compressed-tensors", "--bits", "3"], "compressed-tensors pack-quantized stores 2, 4, 8-bit integers, not 3-bit"),
     (["--param", "dampening=0.1"], "dampening: expected a known key"),
-], ids=["algo", "bits", "group", "format", "codebook-to-gptq", "uniform-to-bnb", "ct-3bit", "param"])
+    (["--workers", "0"], "flags: workers: expected at least 1, got 0"),
+    (["--executor", "ray", "--ray-address", "localhost"], "give HOST:PORT"),
+], ids=["algo", "bits", "group", "format", "codebook-to-gptq", "uniform-to-bnb", "ct-3bit", "param", "workers", "ray-address"])
 def test_bad_input_is_one_line_and_exit_1(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                           argv: list[str], message: str) -> None:
     assert main(["quantize", str(tiny_llama), "-o", str(tmp_path / "out"), *argv]) == 1
