@@ -42,6 +42,10 @@ class Executor(Protocol):
         """Run ``task(shared, item)`` for every item, at most a few more in flight than workers,
         and yield the results in item order."""
 
+    def calibration_workers(self, specs: list[Any]) -> tuple[list[Any], Callable[[list[Any]], list[Any]]]:
+        """Start one `CalibrationWorker` per spec; return them (their methods return handles) and the
+        function that resolves a list of handles to results."""
+
     def close(self) -> None:
         """Release the workers."""
 
@@ -63,6 +67,11 @@ class LocalExecutor:
         with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="llmquant-block") as pool:
             yield from _in_order((pool.submit(task, shared, item) for item in items), self.workers + 1,
                                  lambda future: future.result())
+
+    def calibration_workers(self, specs: list[Any]) -> tuple[list[Any], Callable[[list[Any]], list[Any]]]:
+        from llmquant.host.distributed import CalibrationWorker
+
+        return [CalibrationWorker(spec) for spec in specs], lambda results: results
 
     def close(self) -> None:
         pass
@@ -106,10 +115,31 @@ class RayExecutor:
         shared_ref = ray.put(shared)
         yield from _in_order((remote.remote(shared_ref, item) for item in items), self.workers + 1, ray.get)
 
+    def calibration_workers(self, specs: list[Any]) -> tuple[list[Any], Callable[[list[Any]], list[Any]]]:
+        from llmquant.host.distributed import CalibrationWorker
+
+        actor = self._ray.remote(num_cpus=1, max_restarts=0)(CalibrationWorker).options(scheduling_strategy="SPREAD")
+        self._actors = [actor.remote(spec) for spec in specs]
+        return [_RemoteCalls(a) for a in self._actors], self._ray.get
+
     def close(self) -> None:
+        for actor in getattr(self, "_actors", []):
+            self._ray.kill(actor)
+        self._actors = []
         if self._started:
             self._ray.shutdown()
             self._started = False
+
+
+class _RemoteCalls:
+    """An actor whose method calls return Ray object refs: ``worker.collect(g)`` is ``actor.collect.remote(g)``."""
+
+    def __init__(self, actor: Any) -> None:
+        self._actor = actor
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._actor, name)
+        return lambda *args: method.remote(*args)
 
 
 def make_executor(kind: str, *, address: str | None = None, workers: int | None = None) -> LocalExecutor | RayExecutor:

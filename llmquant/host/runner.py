@@ -36,6 +36,7 @@ from llmquant.host.expert_calibration import ExpertPolicy
 from llmquant.host.moe import KeyMap, OutputNames, defused_skeleton, weight_shapes
 from llmquant.host.calibration_data import CalibrationConfig, load_calibration
 from llmquant.host.checkpoint import Checkpoint
+from llmquant.host.distributed import WorkerSpec, calibrated_block, split_batches
 from llmquant.host.executor import Executor, make_executor
 from llmquant.host.output import OutputFolder
 from llmquant.host.transforms import EditedCheckpoint, Transforms, fake_quantizer, transform_steps
@@ -206,7 +207,10 @@ def quantize_checkpoint(
                 log.info("resuming %s: blocks 0-%d are done", tmp, done[-1])
             job = _Job(checkpoint, plan, entry, fmt, config, dtype)
             calibrator = None
-            if samples is not None and len(done) < layout.count:
+            executor = make_executor(config.executor, address=config.ray_address, workers=config.workers)
+            if samples is not None and len(done) < layout.count and executor.name == "ray":
+                calibrator = _distributed(job, executor, samples, transforms, plan, entry, bool(done))
+            elif samples is not None and len(done) < layout.count:
                 calibrator = SequentialCalibrator(
                     skeleton, layout, checkpoint, samples, batch_size=calibration.calib_batch_size,
                     dtype=calibration.torch_dtype, device=config.device, memory=parse_size(calibration.calib_memory),
@@ -216,7 +220,6 @@ def quantize_checkpoint(
                 calibrator.capture_inputs()
                 if done:
                     calibrator.load_inputs(partial.load_activations(done[-1]))
-            executor = make_executor(config.executor, address=config.ray_address, workers=config.workers)
             try:
                 _quantize_blocks(job, calibrator, partial, len(done), executor)
             finally:
@@ -275,6 +278,39 @@ def resolve_device(name: str) -> str:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LlmquantError(f"--device {name}: CUDA is not available here; use --device cpu")
     return name
+
+
+class _DistributedCalibration:
+    """The driver's side of calibration spread over workers (`llmquant.host.distributed`): the
+    same calls as `SequentialCalibrator` where `_quantize_blocks` uses it."""
+
+    def __init__(self, workers: list[Any], get: Any) -> None:
+        self.workers, self.get = workers, get
+        self.fallbacks: dict[str, int] = {}
+
+    def run_block(self, index: int, quantize: Any, targets: set[str]) -> None:
+        calibrated_block(self.workers, self.get, index, targets, quantize)
+
+    def input_tensors(self) -> list[torch.Tensor]:
+        return []  # the activations stay with the workers
+
+
+def _distributed(job: _Job, executor: Executor, samples: torch.Tensor, transforms: Transforms | None, plan: _Plan,
+                 entry: AlgorithmEntry, resuming: bool) -> Any:
+    """Start the calibration workers of a run on `executor`, each with a contiguous run of batches."""
+    where = f"--executor {executor.name}"
+    if transforms is not None:
+        raise LlmquantError(f"{where} does not run block transforms yet: use --executor local with --transform")
+    if plan.experts:
+        raise LlmquantError(f"{where} does not calibrate mixture-of-experts blocks yet: use --executor local")
+    if resuming:
+        raise LlmquantError(f"{where} cannot resume a calibrated run yet: rerun without --resume, or with --executor local")
+    batch = job.config.calibration.calib_batch_size
+    batches = (len(samples) + batch - 1) // batch
+    specs = [WorkerSpec(job, samples[r.start * batch:r.stop * batch], r.start, entry.cls.needs_calibration,
+                        _wants_float_inputs(entry, plan)) for r in split_batches(batches, executor.workers)]
+    workers, get = executor.calibration_workers(specs)
+    return _DistributedCalibration(workers, get)
 
 
 def _wants_float_inputs(entry: AlgorithmEntry, plan: _Plan) -> bool:
@@ -363,7 +399,7 @@ def _moe_gates(model: Any, experts: list[str], layout: BlockLayout) -> dict[str,
     return gates
 
 
-def _quantize_blocks(job: _Job, calibrator: SequentialCalibrator | None, partial: PartialRun, start: int,
+def _quantize_blocks(job: _Job, calibrator: SequentialCalibrator | _DistributedCalibration | None, partial: PartialRun, start: int,
                      executor: Executor) -> None:
     """Quantize blocks `start`.. and store each, with the activations after it, in the partial folder."""
     plan = job.plan

@@ -85,3 +85,13 @@ def test_a_bad_ray_address_is_a_one_line_error(model: Path, tmp_path: Path) -> N
         quantize(model, tmp_path / "out", {"executor": "ray", "ray_address": f"127.0.0.1:{free_port()}"})
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_ray_calibrates_gptq_to_the_same_bytes_with_one_and_two_workers(model: Path, tmp_path: Path, ray_cluster: str) -> None:
+    """The Hessians are the same per-batch sums added in batch order, wherever the batches were."""
+    settings = {"algo": "gptq", "group_size": 32, "calib": str(calibration_file(tmp_path)), "calib_samples": 16,
+                "calib_seqlen": 32, "calib_batch_size": 4}
+    quantize(model, tmp_path / "local", settings)
+    for workers in (1, 2):
+        quantize(model, tmp_path / f"ray{workers}", {**settings, "executor": "ray", "ray_address": ray_cluster, "workers": workers})
+        assert file_hashes(tmp_path / f"ray{workers}") == file_hashes(tmp_path / "local")
