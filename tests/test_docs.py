@@ -66,7 +66,7 @@ def test_guide_transform_example_conforms(tmp_path: Path) -> None:
 ROOT = GUIDE.parents[1]
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
-DOCS = ("algorithms.md", "formats.md", "serving.md", "eval.md", "benchmarks.md", "writing-plugins.md")
+DOCS = ("algorithms.md", "formats.md", "serving.md", "eval.md", "benchmarks.md", "writing-plugins.md", "distributed.md")
 
 
 def prose(text: str) -> str:
