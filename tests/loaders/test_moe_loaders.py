@@ -1,7 +1,8 @@
 """The real loaders take llmquant's mixture-of-experts outputs: GPTQModel.load and transformers +
 gptqmodel (with gptqmodel's defuser, which transformers 5 needs to see per-expert Linears) load the
 GPTQ format, transformers + compressed-tensors loads compressed-tensors; their logits match
-llmquant's own runtime (cosine >= 0.9999)."""
+llmquant's own runtime (cosine >= 0.9999 at every position but at most one, where a router near-tie may pick
+another expert)."""
 
 from __future__ import annotations
 
@@ -51,8 +52,13 @@ def _ours(folder: Path) -> torch.Tensor:
     return logits
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+def _assert_agree(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """Their logits match ours position by position. One position may go its own way: a router near-tie flips with the
+    kernels' summation order (Mixtral's position 11 of IDS picks another expert under AVX2 kernels: cosine 0.98 there,
+    0.99999 elsewhere); a wrongly loaded expert, which most positions meet, moves many."""
+    cosines = torch.nn.functional.cosine_similarity(ours[0], theirs[0], dim=-1)
+    print("cosine per position", [round(c, 6) for c in cosines.tolist()])
+    assert int((cosines < 0.9999).sum()) <= 1 and cosines.min() >= 0.95, cosines.tolist()
 
 
 @pytest.fixture(scope="module", params=MOE_ARCHS)
@@ -77,8 +83,7 @@ def test_the_gptq_loaders_load_every_expert(loader: str, gptq_moe: Path, tmp_pat
     theirs = torch.load(result)
     linears = 2 * (4 + 8 * 3 + (3 if "qwen2" in json.loads((gptq_moe / "config.json").read_text())["model_type"] else 0))
     assert theirs["kernels"] == linears
-    cosine = _cosine(_ours(gptq_moe), theirs["logits"])
-    assert cosine >= 0.9999, cosine
+    _assert_agree(_ours(gptq_moe), theirs["logits"])
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
@@ -90,8 +95,7 @@ def test_transformers_loads_compressed_tensors_experts(arch: str, tmp_path: Path
     quantize(source, out, {"bits": 4, "group_size": 32, "format": "compressed-tensors"}, plugins=pm)
     theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map="cpu")
     with torch.no_grad():
-        cosine = _cosine(_ours(out), theirs(IDS).logits.float())
-    assert cosine >= 0.9999, cosine
+        _assert_agree(_ours(out), theirs(IDS).logits.float())
 
 
 def test_verify_loads_gptq_experts_through_the_defuser(gptq_moe: Path) -> None:
