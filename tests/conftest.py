@@ -208,3 +208,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# What a coherent model writes after verify's PROMPTS 0, 4 and 5 (the capital of France, the third primary colour, the
+# Moon landing): SmolLM2-135M and Gemma-3-270M in float answer all three. One greedy answer can go astray on a
+# near-tie whose winner moves with the kernels a CPU's instruction set picks; a model that lost its weights misses all.
+ANSWERS: dict[int, tuple[str, ...]] = {0: ("Paris", "France", "capital"), 4: ("yellow", "green"), 5: ("moon", "Moon")}
+
+
+def answered(greedy_text: list[str] | None) -> list[str]:
+    """The greedy continuations of verify's PROMPTS that carry the expected answer (`ANSWERS`)."""
+    texts = greedy_text or []
+    return [texts[i] for i, words in ANSWERS.items() if i < len(texts) and any(w in texts[i] for w in words)]

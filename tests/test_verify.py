@@ -74,3 +74,12 @@ def test_position_kl_is_zero_for_equal_distributions_and_grows_with_the_gap() ->
     small = position_kl(NEAR_TIE["top"], FLIPPED["top"])
     large = position_kl(NEAR_TIE["top"], CONFIDENT["top"])
     assert same == pytest.approx(0.0, abs=1e-12) and 0 < small < MAX_KL < 1 < large
+
+
+def test_a_vllm_error_from_the_machine_leads_with_the_machine_limit() -> None:
+    from llmquant.vllm_probe import explain
+
+    error = "AttributeError: '_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'"
+    said = explain(error)
+    assert said.startswith("vLLM's CPU build has no int4") and "AVX-512" in said and said.endswith(f"(vLLM said: {error})")
+    assert explain("ValueError: unknown quantization method") == "ValueError: unknown quantization method"

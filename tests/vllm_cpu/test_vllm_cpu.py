@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import free_port, in_ci, wiki_extracts_path
+from conftest import answered, free_port, in_ci, wiki_extracts_path
 from llmquant.api import quantize
 from llmquant.verify import MAX_KL, MIN_TOP2, verify_output
 
@@ -63,6 +63,13 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("vllm")
 
 
+def _skip_on_vllm_machine_limit(message: str) -> None:
+    """vLLM's CPU build has no int4 weight kernel on a CPU without AVX-512 (`vllm_probe.MACHINE_LIMITS`): the case is
+    skipped by name there, as vLLM's limit, and runs in full on a CPU with AVX-512."""
+    if "cpu_gemm_wna16" in message:
+        pytest.skip(f"vLLM's limit on this CPU, not llmquant's output: {message[:300]}")
+
+
 def _output(outputs: Path, case: str, settings: dict[str, Any]) -> Path:
     out = outputs / case
     if not out.exists():
@@ -77,13 +84,14 @@ def test_vllm_agrees_with_llmquant(case: str, outputs: Path) -> None:
     out = _output(outputs, case, CASES[case])
     (check,) = verify_output(out, loaders=("vllm",), vllm_python=VLLM_PYTHON)
     _record(case, check.to_dict())
+    _skip_on_vllm_machine_limit(check.message)
     assert check.status == "ok", f"{case}: vLLM {check.status}: {check.message}"
     assert check.kl_mean <= MAX_KL and check.top1_in_top2 >= MIN_TOP2 and check.positions > 50
     print(f"{case}: mean KL {check.kl_mean:.5f} (max {check.kl_max:.4f}), top-1 in our top 2 {check.top1_in_top2:.1%}, "
           f"exact top-1 {check.top1_agreement:.1%} of {check.positions} positions, max |dlogprob| {check.max_abs_delta_logprob:.4f}")
-    # coherent, on topic: the exact words move with the thread count's float summation order (" Paris, ..." on two
-    # threads, " the capital of France. ..." for GPTQ on one)
-    assert check.greedy_text is not None and ("Paris" in check.greedy_text[0] or "France" in check.greedy_text[0]), check.greedy_text
+    # coherent: two of three factual prompts answered (the exact words move with the thread count's float summation
+    # order: " Paris, ..." on two threads, " the capital of France. ..." for GPTQ on one)
+    assert len(answered(check.greedy_text)) >= 2, check.greedy_text
 
 
 def test_vllm_cpu_on_bitsandbytes_nf4_is_recorded(outputs: Path) -> None:
@@ -108,7 +116,9 @@ def test_openai_server_serves_a_completion(outputs: Path, tmp_path: Path) -> Non
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            if server.poll() is not None:
+                _skip_on_vllm_machine_limit((tmp_path / "server.log").read_text())
+                raise AssertionError((tmp_path / "server.log").read_text()[-3000:])
             try:
                 if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
                     break
@@ -142,6 +152,7 @@ def test_vllm_cpu_on_a_mixture_of_experts_output_is_recorded(fmt: str, tmp_path:
     quantize(save_tiny_moe(tmp_path / "model", "qwen3_moe"), out, {"bits": 4, "group_size": 32, "format": fmt})
     (check,) = verify_output(out, loaders=("vllm",), vllm_python=VLLM_PYTHON)
     _record(f"qwen3-moe-{fmt}", check.to_dict())
+    _skip_on_vllm_machine_limit(check.message)
     assert check.status in ("ok", "refused"), check.message
     if check.status == "refused":
         assert "MoE" in check.message, check.message
