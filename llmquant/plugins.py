@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points as _entry_points
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import pluggy
 
@@ -88,6 +88,9 @@ class TransformEntry:
         return self.cls.name
 
 
+_Entry = TypeVar("_Entry", AlgorithmEntry, TransformEntry)
+
+
 @dataclass
 class Plugins:
     """A pluggy manager plus what the host learned while loading it."""
@@ -118,14 +121,7 @@ class Plugins:
 
     def algorithm(self, name: str) -> AlgorithmEntry:
         """Return the algorithm called `name`, or raise naming the valid ones."""
-        found = self.algorithms()
-        if name in found:
-            return found[name]
-        hint = "".join(f"; plugin {b.name!r} ({b.distribution}) failed to load" for b in self.broken)
-        raise PluginError(
-            f"unknown algorithm {name!r}: installed algorithms are {', '.join(sorted(found)) or 'none'}"
-            f"{hint} (see `llmquant algorithms`)"
-        )
+        return self._named(self.algorithms(), "algorithm", name)
 
     def formats(self) -> dict[str, FormatEntry]:
         """Return every registered output format by name.
@@ -177,11 +173,15 @@ class Plugins:
 
     def transform(self, name: str) -> TransformEntry:
         """Return the transform called `name`, or raise naming the valid ones."""
-        found = self.transforms()
+        return self._named(self.transforms(), "transform", name)
+
+    def _named(self, found: dict[str, _Entry], kind: str, name: str) -> _Entry:
+        """`found[name]`, or an error naming the installed ones and any plugin that failed to load."""
         if name in found:
             return found[name]
-        raise PluginError(f"unknown transform {name!r}: installed transforms are {', '.join(sorted(found)) or 'none'} "
-                          f"(see `llmquant transforms`)")
+        hint = "".join(f"; plugin {b.name!r} ({b.distribution}) failed to load" for b in self.broken)
+        raise PluginError(f"unknown {kind} {name!r}: installed {kind}s are {', '.join(sorted(found)) or 'none'}{hint} "
+                          f"(see `llmquant {kind}s`)")
 
     def format_of(self, quantization_config: dict[str, Any]) -> FormatEntry | None:
         """Return the installed format that recognizes a checkpoint's ``quantization_config``."""
