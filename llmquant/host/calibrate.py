@@ -120,6 +120,7 @@ class SequentialCalibrator:
         self._float_block: nn.Module | None = None  # the current block's state, from begin_block to end_block
         self._workers: list[Worker] = []
         self._handles: list[Any] = []
+        self._begun = False  # a block is loaded (between begin_block and end_block)
         self._group_list: list[list[str]] = []
         self._collectors: dict[int, Group | None] = {}
         share_malloc_arena()
@@ -228,7 +229,7 @@ class SequentialCalibrator:
         linears: dict[str, nn.Module] = {f"{name}.{rel}": m for rel, m in block.named_modules() if isinstance(m, nn.Linear)
                                          and not any(f"{name}.{rel}".startswith(e + ".") for e in experts)}
         linears.update(experts)  # an experts module is one group, calibrated by `calibrate_experts`
-        self._index, self._block, self._modules = index, block, linears
+        self._index, self._block, self._modules, self._begun = index, block, linears, True
         self._quantize, self._targets = quantize, targets
         if not self.hessians and not experts:  # nothing to measure: quantize now, then carry the activations on
             with torch.no_grad():
@@ -274,12 +275,21 @@ class SequentialCalibrator:
                             self.float_out.put(b, self._forward(self._index, self._float_block, b, self.float_in))
         finally:
             self._stop_workers()
-        for param_name, _ in list(self._block.named_parameters()):
-            release(self._block, param_name)
-        self._float_block = None
+        self._free_block()
         self.inputs, self.outputs = self.outputs, self.inputs
         self.float_in, self.float_out = self.float_out, self.float_in
         return_freed_memory()
+
+    def abort_block(self) -> None:
+        """Drop the block begun by `begin_block`, keeping its inputs: the block can begin again."""
+        self._stop_workers()
+        if self._begun:
+            self._free_block()
+
+    def _free_block(self) -> None:
+        for param_name, _ in list(self._block.named_parameters()):
+            release(self._block, param_name)
+        self._float_block, self._begun = None, False
 
     def _collector(self, group: list[str], modules: dict[str, nn.Module], quantize: QuantizeModule,
                    targets: set[str]) -> Group | None:

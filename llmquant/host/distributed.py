@@ -8,17 +8,24 @@ adds them in batch order (`reduce_partials`: the bits of one process that saw ev
 quantizes the group's Linears and sends the dequantized weights back to every worker, which then
 continues to the next group. At the end of the block each worker computes its batches' outputs as
 the next block's inputs. So the output does not depend on how many workers ran, or where.
+
+Each worker also writes its batches' next inputs to the run's partial folder, one file per batch
+(`PartialRun.batches`), and the driver drops a block's inputs once the block is stored. A worker
+lost mid-block (its process or its node) is replaced by `CalibrationPool`: every worker reloads
+the block's inputs from those files and the block is redone, to the same bytes; `--resume` starts
+from them in the same way, with any number of workers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -32,7 +39,7 @@ from llmquant.host.hessian import BatchPartials, reduce_partials
 from llmquant.host.moe import defused_skeleton, weight_shapes
 from llmquant.io.shards import parse_size
 
-__all__ = ["CalibrationWorker", "WorkerSpec", "split_batches"]
+__all__ = ["CalibrationPool", "CalibrationWorker", "WorkerSpec", "split_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +47,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class WorkerSpec:
     """What one worker needs: the run's job (checkpoint, plan, config; pickled to a Ray worker), its
-    calibration windows, and the index of its first batch."""
+    calibration windows, the index of its first batch, and the folder of the run's per-batch inputs."""
 
     job: Any
     samples: Tensor
     first_batch: int
+    state: Path
     hessians: bool = True
     float_inputs: bool = False
 
@@ -72,7 +80,8 @@ class CalibrationWorker:
         calibration = job.config.calibration
         checkpoint = job.checkpoint
         skeleton, _, _ = defused_skeleton(AutoConfig.from_pretrained(checkpoint.folder), checkpoint.infos, weight_shapes(checkpoint.infos))
-        self.first_batch = spec.first_batch
+        self.first_batch, self.state = spec.first_batch, spec.state
+        self._index = -1
         self._spill = Path(tempfile.mkdtemp(prefix="llmquant-worker-"))
         self.calibrator = SequentialCalibrator(
             skeleton, job.plan.layout, checkpoint, spec.samples, batch_size=calibration.calib_batch_size,
@@ -83,8 +92,32 @@ class CalibrationWorker:
         self.calibrator.capture_inputs()
         self._group: LinearGroup | None = None
 
+    def save_inputs(self) -> None:
+        """Write each of this worker's batches' inputs to the next block as its own file."""
+        folder = inputs_folder(self.state, self._index + 1)
+        folder.mkdir(parents=True, exist_ok=True)
+        calibrator = self.calibrator
+        for b in range(len(calibrator.inputs)):
+            tensors = [calibrator.inputs[b]] + ([calibrator.float_in[b]] if calibrator.float_inputs else [])
+            path = folder / f"{self.first_batch + b:05d}.pt"
+            torch.save(tensors, path.with_suffix(".partial"))
+            os.replace(path.with_suffix(".partial"), path)
+
+    def restore(self, block: int) -> None:
+        """Take block `block`'s inputs from the files `save_inputs` wrote (a replacement worker, a redone block, a
+        resumed run)."""
+        self.calibrator.abort_block()  # a live worker may be half way through the block that is redone
+        folder = inputs_folder(self.state, block)
+        batches = [torch.load(folder / f"{self.first_batch + b:05d}.pt", weights_only=True) for b in range(len(self.calibrator.inputs))]
+        self.calibrator.load_inputs([t[0] for t in batches] + [t[1] for t in batches if len(t) > 1])
+        self._index = block - 1
+
+    def ping(self) -> bool:
+        return True
+
     def begin_block(self, index: int, targets: set[str]) -> int:
         """Load block `index`; return its number of sequential groups."""
+        self._index = index
         return len(self.calibrator.begin_block(index, _no_quantize, targets))
 
     def collect(self, g: int) -> tuple[list[str], list[BatchPartials]] | None:
@@ -108,8 +141,9 @@ class CalibrationWorker:
         self._group = None
 
     def end_block(self) -> None:
-        """Compute this worker's batches' outputs as the next block's inputs."""
+        """Compute this worker's batches' outputs as the next block's inputs, and save them."""
         self.calibrator.end_block()
+        self.save_inputs()
 
     def close(self) -> None:
         shutil.rmtree(self._spill, ignore_errors=True)
@@ -117,6 +151,73 @@ class CalibrationWorker:
 
 def _no_quantize(name: str, stats: CalibrationStats | None) -> Tensor:
     raise AssertionError(f"{name}: a distributed worker's groups are quantized by the driver")
+
+
+def inputs_folder(state: Path, block: int) -> Path:
+    """Where the workers keep block `block`'s inputs, one file per calibration batch."""
+    return Path(state) / f"inputs-{block:05d}"
+
+
+class CalibrationPool:
+    """The driver's side of the workers: drives each block through them (`calibrated_block`) and replaces a worker
+    lost on the way.
+
+    `start(spec)` starts a worker and `get` resolves their results (`Executor`); `lost` are the exceptions that
+    mean a worker's process or node is gone. A block that loses a worker is redone from the files of its
+    inputs (`CalibrationWorker.save_inputs`) by every worker, the replacement included; `retry` (the caller's)
+    forgets what the failed attempt quantized."""
+
+    def __init__(self, specs: list[WorkerSpec], start: Callable[[WorkerSpec], Any], get: Callable[[list[Any]], list[Any]],
+                 lost: tuple[type[BaseException], ...], first_block: int = 0, attempts: int = 3) -> None:
+        self.specs, self.start, self.get, self.lost, self.attempts = specs, start, get, lost, attempts
+        self.workers = [start(spec) for spec in specs]
+        self.replaced = 0
+        if first_block:
+            self.restore(first_block)
+        else:  # block 0's inputs, for a block 0 that loses a worker
+            self.get([w.save_inputs() for w in self.workers])
+
+    def run_block(self, index: int, targets: set[str], quantize: Any, retry: Callable[[], None]) -> None:
+        for attempt in range(self.attempts + 1):
+            try:
+                calibrated_block(self.workers, self.get, index, targets, quantize)
+                return
+            except self.lost as exc:
+                if attempt == self.attempts:
+                    raise LlmquantError(f"block {index}: calibration workers were lost {attempt + 1} times in a row "
+                                        f"({_one_line(exc)}); check the cluster's nodes, then rerun with --resume") from exc
+                log.warning("block %d: a calibration worker was lost (%s); replacing it and redoing the block from its "
+                            "saved inputs", index, _one_line(exc))
+                retry()
+                self._replace_lost()
+                self.restore(index)
+
+    def restore(self, block: int) -> None:
+        """Every worker takes block `block`'s inputs from the saved files."""
+        folder = inputs_folder(self.specs[0].state, block)
+        batches = sum(len(spec.samples) for spec in self.specs)  # windows; a file per batch of them
+        size = self.specs[0].job.config.calibration.calib_batch_size
+        missing = [b for b in range((batches + size - 1) // size) if not (folder / f"{b:05d}.pt").exists()]
+        if missing:
+            raise LlmquantError(f"cannot resume from {folder.parent.parent}: the calibration inputs of block {block} are "
+                                f"missing for batches {missing[:5]}; rerun without --resume")
+        self.get([w.restore(block) for w in self.workers])
+
+    def drop(self, block: int) -> None:
+        """Forget block `block`'s inputs once the block is stored."""
+        shutil.rmtree(inputs_folder(self.specs[0].state, block), ignore_errors=True)
+
+    def _replace_lost(self) -> None:
+        for i, worker in enumerate(self.workers):
+            try:
+                self.get([worker.ping()])
+            except self.lost:
+                self.workers[i] = self.start(self.specs[i])
+                self.replaced += 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
 
 
 def calibrated_block(workers: list[Any], get: Any, index: int, targets: set[str], quantize: Any) -> None:

@@ -7,7 +7,7 @@ ran them or how many workers there were:
   block's tensors from the checkpoint, quantizes them and returns them; the driver writes
   them in block order as they come;
 - a calibrated run keeps the calibration batches with workers that each hold some of them
-  (`calibration_workers`); see `llmquant.host.distributed`.
+  (`start_worker`); see `llmquant.host.distributed`.
 """
 
 from __future__ import annotations
@@ -42,9 +42,13 @@ class Executor(Protocol):
         """Run ``task(shared, item)`` for every item, at most a few more in flight than workers,
         and yield the results in item order."""
 
-    def calibration_workers(self, specs: list[Any]) -> tuple[list[Any], Callable[[list[Any]], list[Any]]]:
-        """Start one `CalibrationWorker` per spec; return them (their methods return handles) and the
-        function that resolves a list of handles to results."""
+    lost: tuple[type[BaseException], ...]  # what `get` raises when a worker's process or node is gone
+
+    def start_worker(self, spec: Any) -> Any:
+        """Start a `CalibrationWorker` for `spec`; its methods return handles that `get` resolves."""
+
+    def get(self, handles: list[Any]) -> list[Any]:
+        """The results of a list of handles."""
 
     def close(self) -> None:
         """Release the workers."""
@@ -68,10 +72,15 @@ class LocalExecutor:
             yield from _in_order((pool.submit(task, shared, item) for item in items), self.workers + 1,
                                  lambda future: future.result())
 
-    def calibration_workers(self, specs: list[Any]) -> tuple[list[Any], Callable[[list[Any]], list[Any]]]:
+    lost: tuple[type[BaseException], ...] = ()  # a worker in this process is lost only with the process
+
+    def start_worker(self, spec: Any) -> Any:
         from llmquant.host.distributed import CalibrationWorker
 
-        return [CalibrationWorker(spec) for spec in specs], lambda results: results
+        return CalibrationWorker(spec)
+
+    def get(self, handles: list[Any]) -> list[Any]:
+        return handles
 
     def close(self) -> None:
         pass
@@ -108,6 +117,9 @@ class RayExecutor:
         self.workers = workers or cpus
         log.info("ray: %d workers on a cluster of %d CPUs", self.workers, cpus)
         self._ray = ray
+        self._actors: list[Any] = []
+        errors = ray.exceptions
+        self.lost: tuple[type[BaseException], ...] = (errors.RayActorError, errors.ActorUnavailableError, errors.ObjectLostError, errors.NodeDiedError)
 
     def map_blocks(self, task: Callable[[Any, A], T], shared: Any, items: Sequence[A]) -> Iterator[T]:
         ray = self._ray
@@ -115,15 +127,18 @@ class RayExecutor:
         shared_ref = ray.put(shared)
         yield from _in_order((remote.remote(shared_ref, item) for item in items), self.workers + 1, ray.get)
 
-    def calibration_workers(self, specs: list[Any]) -> tuple[list[Any], Callable[[list[Any]], list[Any]]]:
+    def start_worker(self, spec: Any) -> Any:
         from llmquant.host.distributed import CalibrationWorker
 
         actor = self._ray.remote(num_cpus=1, max_restarts=0)(CalibrationWorker).options(scheduling_strategy="SPREAD")
-        self._actors = [actor.remote(spec) for spec in specs]
-        return [_RemoteCalls(a) for a in self._actors], self._ray.get
+        self._actors.append(actor.remote(spec))
+        return _RemoteCalls(self._actors[-1])
+
+    def get(self, handles: list[Any]) -> list[Any]:
+        return list(self._ray.get(handles))
 
     def close(self) -> None:
-        for actor in getattr(self, "_actors", []):
+        for actor in self._actors:
             self._ray.kill(actor)
         self._actors = []
         if self._started:

@@ -8,6 +8,8 @@ Layout of ``.NAME.llmquant-partial/`` while a run is under way::
     blocks/00007.safetensors      block 7's output tensors (quantized and copied), in write order
     blocks/00007.json             block 7's module records; written last, so its presence marks the block done
     activations.pt                calibration activations after the last finished block
+    batches/inputs-00008/00003.pt the same, per calibration batch, where workers of `--executor ray`
+                                  keep them (`llmquant.host.distributed`): block 8's inputs from batch 3
 
 Each file is written under a temporary name and renamed, so a kill at any moment leaves either
 the old state or the new one.
@@ -69,6 +71,7 @@ class PartialRun:
     def __init__(self, folder: Path, fingerprint: dict[str, str], *, resume: bool) -> None:
         self.folder = folder
         self.blocks = folder / "blocks"
+        self.batches = folder / "batches"
         saved = folder / "fingerprint.json"
         if resume and saved.exists():
             old = json.loads(saved.read_text())
@@ -132,6 +135,7 @@ class PartialRun:
     def finish(self) -> None:
         """Remove the resume state once the final shards are written."""
         shutil.rmtree(self.blocks, ignore_errors=True)
+        shutil.rmtree(self.batches, ignore_errors=True)
         for name in ("activations.pt", "fingerprint.json"):
             (self.folder / name).unlink(missing_ok=True)
 

@@ -36,7 +36,7 @@ from llmquant.host.expert_calibration import ExpertPolicy
 from llmquant.host.moe import KeyMap, OutputNames, defused_skeleton, weight_shapes
 from llmquant.host.calibration_data import CalibrationConfig, load_calibration
 from llmquant.host.checkpoint import Checkpoint
-from llmquant.host.distributed import WorkerSpec, calibrated_block, split_batches
+from llmquant.host.distributed import CalibrationPool, WorkerSpec, split_batches
 from llmquant.host.executor import Executor, make_executor
 from llmquant.host.output import OutputFolder
 from llmquant.host.transforms import EditedCheckpoint, Transforms, fake_quantizer, transform_steps
@@ -206,10 +206,10 @@ def quantize_checkpoint(
             if done:
                 log.info("resuming %s: blocks 0-%d are done", tmp, done[-1])
             job = _Job(checkpoint, plan, entry, fmt, config, dtype)
-            calibrator = None
+            calibrator: SequentialCalibrator | _DistributedCalibration | None = None
             executor = make_executor(config.executor, address=config.ray_address, workers=config.workers)
             if samples is not None and len(done) < layout.count and executor.name == "ray":
-                calibrator = _distributed(job, executor, samples, transforms, plan, entry, bool(done))
+                calibrator = _distributed(job, executor, samples, transforms, plan, entry, partial, len(done))
             elif samples is not None and len(done) < layout.count:
                 calibrator = SequentialCalibrator(
                     skeleton, layout, checkpoint, samples, batch_size=calibration.calib_batch_size,
@@ -284,33 +284,31 @@ class _DistributedCalibration:
     """The driver's side of calibration spread over workers (`llmquant.host.distributed`): the
     same calls as `SequentialCalibrator` where `_quantize_blocks` uses it."""
 
-    def __init__(self, workers: list[Any], get: Any) -> None:
-        self.workers, self.get = workers, get
+    def __init__(self, job: _Job, pool: CalibrationPool) -> None:
+        self.job, self.pool = job, pool
         self.fallbacks: dict[str, int] = {}
 
     def run_block(self, index: int, quantize: Any, targets: set[str]) -> None:
-        calibrated_block(self.workers, self.get, index, targets, quantize)
+        def forget() -> None:  # a block redone after a lost worker quantizes its Linears again
+            self.job.tensors, self.job.records = [], []
 
-    def input_tensors(self) -> list[torch.Tensor]:
-        return []  # the activations stay with the workers
+        self.pool.run_block(index, targets, quantize, forget)
 
 
 def _distributed(job: _Job, executor: Executor, samples: torch.Tensor, transforms: Transforms | None, plan: _Plan,
-                 entry: AlgorithmEntry, resuming: bool) -> Any:
-    """Start the calibration workers of a run on `executor`, each with a contiguous run of batches."""
+                 entry: AlgorithmEntry, partial: PartialRun, first_block: int) -> _DistributedCalibration:
+    """Start the calibration workers of a run on `executor`, each with a contiguous run of batches
+    (resuming at `first_block` from the inputs they saved)."""
     where = f"--executor {executor.name}"
     if transforms is not None:
         raise LlmquantError(f"{where} does not run block transforms yet: use --executor local with --transform")
     if plan.experts:
         raise LlmquantError(f"{where} does not calibrate mixture-of-experts blocks yet: use --executor local")
-    if resuming:
-        raise LlmquantError(f"{where} cannot resume a calibrated run yet: rerun without --resume, or with --executor local")
     batch = job.config.calibration.calib_batch_size
     batches = (len(samples) + batch - 1) // batch
-    specs = [WorkerSpec(job, samples[r.start * batch:r.stop * batch], r.start, entry.cls.needs_calibration,
+    specs = [WorkerSpec(job, samples[r.start * batch:r.stop * batch], r.start, partial.batches, entry.cls.needs_calibration,
                         _wants_float_inputs(entry, plan)) for r in split_batches(batches, executor.workers)]
-    workers, get = executor.calibration_workers(specs)
-    return _DistributedCalibration(workers, get)
+    return _DistributedCalibration(job, CalibrationPool(specs, executor.start_worker, executor.get, executor.lost, first_block))
 
 
 def _wants_float_inputs(entry: AlgorithmEntry, plan: _Plan) -> bool:
@@ -438,7 +436,10 @@ def _quantize_blocks(job: _Job, calibrator: SequentialCalibrator | _DistributedC
         rename = plan.output_names
         partial.write_block(index, [(rename(k), t) for k, t in job.tensors],
                             [dataclasses.replace(r, name=rename(r.name)) for r in job.records])
-        partial.save_activations(index, calibrator.input_tensors())
+        if isinstance(calibrator, _DistributedCalibration):
+            calibrator.pool.drop(index)  # its workers saved the next block's inputs
+        else:
+            partial.save_activations(index, calibrator.input_tensors())
         fault_point(f"block-{index}")
         if isinstance(job.checkpoint, EditedCheckpoint):
             job.checkpoint.drop_block(block)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,32 +54,33 @@ def test_calibrated_runs_do_not_depend_on_the_number_of_local_workers(model: Pat
 
 
 @pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[str]:
-    """A Ray head and two worker nodes of one CPU each, on this machine."""
+def ray_cluster() -> Iterator[Any]:
+    """A Ray head (no CPUs: it only schedules) and two worker nodes of one CPU each, on this machine."""
     pytest.importorskip("ray")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 would write a token under the home folder
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     try:
-        yield cluster.address
+        yield cluster
     finally:
         import ray
 
         ray.shutdown()
-        for node in nodes:
+        for node in list(cluster.worker_nodes):
             cluster.remove_node(node)
         cluster.shutdown()
 
 
 @pytest.mark.parametrize("algo", ["rtn", "nf4"])
-def test_ray_writes_the_same_bytes_as_the_local_executor(model: Path, tmp_path: Path, ray_cluster: str, algo: str) -> None:
+def test_ray_writes_the_same_bytes_as_the_local_executor(model: Path, tmp_path: Path, ray_cluster: Any, algo: str) -> None:
     settings = {"algo": algo, "max_shard_size": "200KB", **({"group_size": 32} if algo == "rtn" else {})}
     quantize(model, tmp_path / "local", settings)
     for workers in (1, 2):
-        quantize(model, tmp_path / f"ray{workers}", {**settings, "executor": "ray", "ray_address": ray_cluster, "workers": workers})
+        quantize(model, tmp_path / f"ray{workers}", {**settings, "executor": "ray", "ray_address": ray_cluster.address, "workers": workers})
         assert file_hashes(tmp_path / f"ray{workers}") == file_hashes(tmp_path / "local")
 
 
@@ -87,11 +92,61 @@ def test_a_bad_ray_address_is_a_one_line_error(model: Path, tmp_path: Path) -> N
     assert not (tmp_path / "out").exists()
 
 
-def test_ray_calibrates_gptq_to_the_same_bytes_with_one_and_two_workers(model: Path, tmp_path: Path, ray_cluster: str) -> None:
+def test_ray_calibrates_gptq_to_the_same_bytes_with_one_and_two_workers(model: Path, tmp_path: Path, ray_cluster: Any) -> None:
     """The Hessians are the same per-batch sums added in batch order, wherever the batches were."""
     settings = {"algo": "gptq", "group_size": 32, "calib": str(calibration_file(tmp_path)), "calib_samples": 16,
                 "calib_seqlen": 32, "calib_batch_size": 4}
     quantize(model, tmp_path / "local", settings)
     for workers in (1, 2):
-        quantize(model, tmp_path / f"ray{workers}", {**settings, "executor": "ray", "ray_address": ray_cluster, "workers": workers})
+        quantize(model, tmp_path / f"ray{workers}", {**settings, "executor": "ray", "ray_address": ray_cluster.address, "workers": workers})
         assert file_hashes(tmp_path / f"ray{workers}") == file_hashes(tmp_path / "local")
+
+
+GPTQ = {"algo": "gptq", "group_size": 32, "calib_samples": 16, "calib_seqlen": 32, "calib_batch_size": 4}
+
+
+def test_a_lost_worker_node_is_replaced_and_the_output_is_unchanged(model: Path, tmp_path: Path, ray_cluster: Any,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A node removed while a GPTQ run is at block 2: its worker is lost, a replacement starts on the spare node, every
+    worker reloads block 2's inputs from the files they saved, and the block is redone, to the same bytes."""
+    from llmquant.host import distributed
+
+    settings = {**GPTQ, "calib": str(calibration_file(tmp_path))}
+    quantize(model, tmp_path / "local", settings)
+    real, spare = distributed.calibrated_block, []
+
+    def losing_a_node(workers: list[Any], get: Any, index: int, targets: set[str], quantize: Any) -> None:
+        if index == 2 and not spare:
+            ray_cluster.remove_node(next(iter(ray_cluster.worker_nodes)))  # each node runs one of the two workers
+            spare.append(ray_cluster.add_node(num_cpus=1))  # what a cluster's autoscaler would bring
+        real(workers, get, index, targets, quantize)
+
+    monkeypatch.setattr(distributed, "calibrated_block", losing_a_node)
+    with caplog.at_level(logging.WARNING, logger="llmquant.host.distributed"):
+        quantize(model, tmp_path / "ray", {**settings, "executor": "ray", "ray_address": ray_cluster.address, "workers": 2})
+    assert spare and "block 2: a calibration worker was lost" in caplog.text
+    assert file_hashes(tmp_path / "ray") == file_hashes(tmp_path / "local")
+
+
+def test_a_killed_ray_gptq_run_resumes_with_other_workers_to_the_same_bytes(model: Path, tmp_path: Path, ray_cluster: Any) -> None:
+    """The driver killed after block 1 of a 2-worker run; `--resume` with one worker takes block 2's inputs from the
+    per-batch files the workers saved."""
+    calib = calibration_file(tmp_path)
+    quantize(model, tmp_path / "local", {**GPTQ, "calib": str(calib)})
+    out = tmp_path / "ray"
+    args = ["--algo", "gptq", "--group-size", "32", "--calib", str(calib), "--calib-samples", "16", "--calib-seqlen", "32",
+            "--calib-batch-size", "4", "--executor", "ray", "--ray-address", ray_cluster.address]
+
+    def cli(*extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "LLMQUANT_KILL_AT"} | ({"LLMQUANT_KILL_AT": kill_at} if kill_at else {})
+        return subprocess.run([sys.executable, "-m", "llmquant.cli", "quantize", str(model), "-o", str(out), *args, *extra],
+                              capture_output=True, text=True, env=env)
+
+    killed = cli("--workers", "2", kill_at="block-1")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    partial = next(tmp_path.glob(".ray*partial"))
+    assert sorted(p.name for p in (partial / "batches").iterdir()) == ["inputs-00002"]  # block 2's, the only ones kept
+    resumed = cli("--workers", "1", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert file_hashes(out) == file_hashes(tmp_path / "local")
