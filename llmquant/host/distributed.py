@@ -4,8 +4,9 @@ The batches (``--calib-batch-size`` windows each, cut by sample index) are the c
 ``w`` of ``N`` holds a contiguous run of them and their activations, which never leave it. Per
 block, every worker loads the block from the checkpoint and, per sequential group, runs its
 batches to the group's input and returns each batch's ``x^T x`` (`BatchPartials`); the driver
-adds them in batch order (`reduce_partials`: the bits of one process that saw every batch),
-quantizes the group's Linears and sends the dequantized weights back to every worker, which then
+adds them in batch order (`reduce_partials`: the bits of one process that saw every batch) and
+sends the group's statistics to the workers, which quantize its Linears between them, largest
+first (`by_cost`); the dequantized weights go back to every worker, which then
 continues to the next group. At the end of the block each worker computes its batches' outputs as
 the next block's inputs. So the output does not depend on how many workers ran, or where.
 
@@ -55,6 +56,7 @@ class WorkerSpec:
     state: Path
     hessians: bool = True
     float_inputs: bool = False
+    solve_threads: int = 0  # torch threads for the solves: the driver's, whose count the solves' bits depend on
 
 
 def split_batches(batches: int, workers: int) -> list[range]:
@@ -80,7 +82,7 @@ class CalibrationWorker:
         calibration = job.config.calibration
         checkpoint = job.checkpoint
         skeleton, _, _ = defused_skeleton(AutoConfig.from_pretrained(checkpoint.folder), checkpoint.infos, weight_shapes(checkpoint.infos))
-        self.first_batch, self.state = spec.first_batch, spec.state
+        self.job, self.first_batch, self.state, self.solve_threads = job, spec.first_batch, spec.state, spec.solve_threads
         self._index = -1
         self._spill = Path(tempfile.mkdtemp(prefix="llmquant-worker-"))
         self.calibrator = SequentialCalibrator(
@@ -132,6 +134,24 @@ class CalibrationWorker:
         parts = [dataclasses.replace(p, batch=self.first_batch + p.batch) for p in collector.hessian.partials]
         return [name for name, _ in collector.linears], parts
 
+    def solve(self, names: list[str], stats: CalibrationStats) -> list[tuple[str, list[tuple[str, Tensor]], list[Any], Tensor]]:
+        """Quantize the Linears `names` (model names) of the current group with the group's statistics: each one's
+        output tensors, record and dequantized weight."""
+        job = self.job
+        solved = []
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.solve_threads or threads)
+        try:
+            for name in names:
+                tensors: list[tuple[str, Tensor]] = []
+                records: list[Any] = []
+                result = job.quantize_into(job.plan.keys.disk(name), stats if job.entry.cls.needs_calibration else None,
+                                           tensors, records)
+                solved.append((name, tensors, records, result.dequantize()))
+        finally:
+            torch.set_num_threads(threads)
+        return solved
+
     def apply(self, weights: dict[str, Tensor]) -> None:
         """Continue with the group's dequantized weights."""
         assert self._group is not None
@@ -150,7 +170,7 @@ class CalibrationWorker:
 
 
 def _no_quantize(name: str, stats: CalibrationStats | None) -> Tensor:
-    raise AssertionError(f"{name}: a distributed worker's groups are quantized by the driver")
+    raise AssertionError(f"{name}: a distributed worker's groups are quantized through `solve`")
 
 
 def inputs_folder(state: Path, block: int) -> Path:
@@ -177,10 +197,10 @@ class CalibrationPool:
         else:  # block 0's inputs, for a block 0 that loses a worker
             self.get([w.save_inputs() for w in self.workers])
 
-    def run_block(self, index: int, targets: set[str], quantize: Any, retry: Callable[[], None]) -> None:
+    def run_block(self, index: int, targets: set[str], keep: Keep, cost: Callable[[str], float], retry: Callable[[], None]) -> None:
         for attempt in range(self.attempts + 1):
             try:
-                calibrated_block(self.workers, self.get, index, targets, quantize)
+                calibrated_block(self.workers, self.get, index, targets, keep, cost)
                 return
             except self.lost as exc:
                 if attempt == self.attempts:
@@ -220,10 +240,26 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:200]
 
 
-def calibrated_block(workers: list[Any], get: Any, index: int, targets: set[str], quantize: Any) -> None:
-    """Drive one block through every worker's phases; `get` resolves the workers' results (Ray's
-    ``ray.get``, or the identity for in-process workers) and `quantize(name, stats)` quantizes one
-    Linear on the driver, returning its dequantized weight."""
+def by_cost(names: list[str], cost: Callable[[str], float], workers: int) -> list[list[str]]:
+    """Spread `names` over `workers` by cost, largest first, each to the least loaded worker so far (the first of
+    equals): the same split for the same names."""
+    loads: list[float] = [0.0] * workers
+    split: list[list[str]] = [[] for _ in range(workers)]
+    for name in sorted(names, key=lambda n: (-cost(n), names.index(n))):
+        w = loads.index(min(loads))
+        split[w].append(name)
+        loads[w] += cost(name)
+    return split
+
+
+Keep = Callable[[str, list[tuple[str, Tensor]], list[Any]], None]
+
+
+def calibrated_block(workers: list[Any], get: Any, index: int, targets: set[str], keep: Keep, cost: Callable[[str], float]) -> None:
+    """Drive one block through every worker's phases. `get` resolves the workers' results (Ray's ``ray.get``, or the
+    identity for in-process workers). Per group, the driver adds the batches' partial sums in batch order, the
+    workers quantize the group's Linears (spread by `cost`, `by_cost`), and `keep(name, tensors, records)` takes
+    each one's output in the group's order."""
     counts = get([w.begin_block(index, targets) for w in workers])
     if len(set(counts)) != 1:
         raise LlmquantError(f"block {index}: the workers found different sequential groups ({counts})")
@@ -234,6 +270,10 @@ def calibrated_block(workers: list[Any], get: Any, index: int, targets: set[str]
         names = found[0][0]
         parts = [p for _, worker_parts in found for p in worker_parts]
         stats = reduce_partials(parts[0].xtx.shape[0], parts).stats()
-        weights = {name: quantize(name, stats) for name in names}
-        get([w.apply(weights) for w in workers])
+        split = by_cost(names, cost, len(workers))
+        solved = {name: rest for reply in get([workers[w].solve(mine, stats) for w, mine in enumerate(split) if mine])
+                  for name, *rest in reply}
+        for name in names:
+            keep(name, solved[name][0], solved[name][1])
+        get([w.apply({name: solved[name][2] for name in names}) for w in workers])
     get([w.end_block() for w in workers])

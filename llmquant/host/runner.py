@@ -289,10 +289,21 @@ class _DistributedCalibration:
         self.fallbacks: dict[str, int] = {}
 
     def run_block(self, index: int, quantize: Any, targets: set[str]) -> None:
-        def forget() -> None:  # a block redone after a lost worker quantizes its Linears again
-            self.job.tensors, self.job.records = [], []
+        """Run block `index` on the workers, which quantize its Linears themselves (`quantize` is the local path's)."""
+        job = self.job
 
-        self.pool.run_block(index, targets, quantize, forget)
+        def keep(name: str, tensors: list[tuple[str, torch.Tensor]], records: list[ModuleRecord]) -> None:
+            job.tensors.extend(tensors)
+            job.records.extend(records)
+
+        def cost(name: str) -> float:  # a GPTQ solve: a pass over the columns, each updating the rest of the rows
+            out, inputs = job.checkpoint.infos[f"{job.plan.keys.disk(name)}.weight"].shape[:2]
+            return float(out) * inputs * inputs
+
+        def forget() -> None:  # a block redone after a lost worker quantizes its Linears again
+            job.tensors, job.records = [], []
+
+        self.pool.run_block(index, targets, keep, cost, forget)
 
 
 def _distributed(job: _Job, executor: Executor, samples: torch.Tensor, transforms: Transforms | None, plan: _Plan,
@@ -307,7 +318,7 @@ def _distributed(job: _Job, executor: Executor, samples: torch.Tensor, transform
     batch = job.config.calibration.calib_batch_size
     batches = (len(samples) + batch - 1) // batch
     specs = [WorkerSpec(job, samples[r.start * batch:r.stop * batch], r.start, partial.batches, entry.cls.needs_calibration,
-                        _wants_float_inputs(entry, plan)) for r in split_batches(batches, executor.workers)]
+                        _wants_float_inputs(entry, plan), torch.get_num_threads()) for r in split_batches(batches, executor.workers)]
     return _DistributedCalibration(job, CalibrationPool(specs, executor.start_worker, executor.get, executor.lost, first_block))
 
 

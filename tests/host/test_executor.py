@@ -116,11 +116,11 @@ def test_a_lost_worker_node_is_replaced_and_the_output_is_unchanged(model: Path,
     quantize(model, tmp_path / "local", settings)
     real, spare = distributed.calibrated_block, []
 
-    def losing_a_node(workers: list[Any], get: Any, index: int, targets: set[str], quantize: Any) -> None:
+    def losing_a_node(workers: list[Any], get: Any, index: int, *rest: Any) -> None:
         if index == 2 and not spare:
             ray_cluster.remove_node(next(iter(ray_cluster.worker_nodes)))  # each node runs one of the two workers
             spare.append(ray_cluster.add_node(num_cpus=1))  # what a cluster's autoscaler would bring
-        real(workers, get, index, targets, quantize)
+        real(workers, get, index, *rest)
 
     monkeypatch.setattr(distributed, "calibrated_block", losing_a_node)
     with caplog.at_level(logging.WARNING, logger="llmquant.host.distributed"):
@@ -150,3 +150,12 @@ def test_a_killed_ray_gptq_run_resumes_with_other_workers_to_the_same_bytes(mode
     resumed = cli("--workers", "1", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert file_hashes(out) == file_hashes(tmp_path / "local")
+
+
+def test_solves_are_spread_over_workers_by_cost_largest_first() -> None:
+    from llmquant.host.distributed import by_cost
+
+    costs = {"q": 1.0, "k": 0.25, "v": 0.25, "up": 3.0, "gate": 3.0, "o": 1.0}
+    assert by_cost(list(costs), costs.__getitem__, 2) == [["up", "q", "k"], ["gate", "o", "v"]]
+    assert by_cost(["q"], costs.__getitem__, 3) == [["q"], [], []]
+    assert by_cost(list(costs), costs.__getitem__, 1) == [["up", "gate", "q", "o", "k", "v"]]
