@@ -220,7 +220,8 @@ class CalibrationPool:
         missing = [b for b in range((batches + size - 1) // size) if not (folder / f"{b:05d}.pt").exists()]
         if missing:
             raise LlmquantError(f"cannot resume from {folder.parent.parent}: the calibration inputs of block {block} are "
-                                f"missing for batches {missing[:5]}; rerun without --resume")
+                                f"missing for batches {missing[:5]}; resume with the --executor the run started with, or "
+                                f"rerun without --resume")
         self.get([w.restore(block) for w in self.workers])
 
     def drop(self, block: int) -> None:

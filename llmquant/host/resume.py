@@ -128,7 +128,7 @@ class PartialRun:
         saved = torch.load(path, weights_only=True) if path.exists() else None
         if saved is None or saved["after_block"] != after_block:
             raise LlmquantError(f"cannot resume from {self.folder}: the calibration activations after block {after_block} "
-                                f"are missing; rerun without --resume")
+                                f"are missing; resume with the --executor the run started with, or rerun without --resume")
         tensors: list[Tensor] = saved["tensors"]
         return tensors
 
