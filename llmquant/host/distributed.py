@@ -34,8 +34,9 @@ from torch import Tensor
 from llmquant.algorithm import CalibrationStats
 from llmquant.errors import LlmquantError
 from llmquant.host.calibrate import SequentialCalibrator
+from llmquant.host.distributed_experts import ExpertsFound, calibrate_experts_over, expert_partials, experts_found
 from llmquant.host.expert_calibration import ExpertPolicy
-from llmquant.host.groups import LinearGroup
+from llmquant.host.groups import ExpertsGroup, LinearGroup
 from llmquant.host.hessian import BatchPartials, reduce_partials
 from llmquant.host.moe import defused_skeleton, weight_shapes
 from llmquant.io.shards import parse_size
@@ -92,7 +93,7 @@ class CalibrationWorker:
             experts=ExpertPolicy(calibration.moe_calibration, calibration.moe_min_tokens, parse_size(calibration.moe_memory)),
             hessians=spec.hessians, float_inputs=spec.float_inputs, partials=True)
         self.calibrator.capture_inputs()
-        self._group: LinearGroup | None = None
+        self._group: LinearGroup | ExpertsGroup | None = None
 
     def save_inputs(self) -> None:
         """Write each of this worker's batches' inputs to the next block as its own file."""
@@ -122,27 +123,36 @@ class CalibrationWorker:
         self._index = index
         return len(self.calibrator.begin_block(index, _no_quantize, targets))
 
-    def collect(self, g: int) -> tuple[list[str], list[BatchPartials]] | None:
+    def collect(self, g: int) -> tuple[list[str], list[BatchPartials]] | ExpertsFound | None:
         """Run this worker's batches to group `g`'s input: the group's target Linears and each batch's
-        partial sums (numbered by global batch), or None when nothing in the group is a target."""
+        partial sums (numbered by global batch), what its batches routed to a block's experts, or None
+        when nothing in the group is a target."""
         collector = self.calibrator.collect(g)
         if collector is None:
             return None
+        if isinstance(collector, ExpertsGroup):
+            self._group = collector
+            return experts_found(collector)
         if not isinstance(collector, LinearGroup) or collector.hessian is None:
-            raise LlmquantError("--executor ray calibrates dense Linears only; mixture-of-experts blocks need --executor local")
+            raise LlmquantError(f"group {g}: {type(collector).__name__} is not calibrated over workers")
         self._group = collector
         parts = [dataclasses.replace(p, batch=self.first_batch + p.batch) for p in collector.hessian.partials]
         return [name for name, _ in collector.linears], parts
 
-    def solve(self, names: list[str], stats: CalibrationStats) -> list[tuple[str, list[tuple[str, Tensor]], list[Any], Tensor]]:
-        """Quantize the Linears `names` (model names) of the current group with the group's statistics: each one's
-        output tensors, record and dequantized weight."""
+    def expert_partials(self, experts: list[int], stage: str, mode: str) -> dict[int, list[BatchPartials]]:
+        """Per expert, each of this worker's batches' partial sums for the current experts group (`expert_partials`)."""
+        assert isinstance(self._group, ExpertsGroup)
+        return expert_partials(self._group, self.first_batch, experts, stage, mode)
+
+    def solve(self, items: list[tuple[str, CalibrationStats | None]]) -> list[tuple[str, list[tuple[str, Tensor]], list[Any], Tensor]]:
+        """Quantize the Linears named in `items` (model names) with their statistics: each one's output tensors,
+        record and dequantized weight."""
         job = self.job
         solved = []
         threads = torch.get_num_threads()
         torch.set_num_threads(self.solve_threads or threads)
         try:
-            for name in names:
+            for name, stats in items:
                 tensors: list[tuple[str, Tensor]] = []
                 records: list[Any] = []
                 result = job.quantize_into(job.plan.keys.disk(name), stats if job.entry.cls.needs_calibration else None,
@@ -152,13 +162,23 @@ class CalibrationWorker:
             torch.set_num_threads(threads)
         return solved
 
-    def apply(self, weights: dict[str, Tensor]) -> None:
-        """Continue with the group's dequantized weights."""
-        assert self._group is not None
+    def apply(self, weights: dict[str, Tensor], last: bool = True) -> None:
+        """Continue with dequantized weights of the current group (`last`: the group is done)."""
+        group = self._group
+        assert group is not None
         with torch.no_grad():
-            for name, linear in self._group.linears:
-                linear.weight.data = weights[name].to(self._group.device, self._group.dtype)
-        self._group = None
+            if isinstance(group, LinearGroup):
+                for name, linear in group.linears:
+                    linear.weight.data = weights[name].to(group.device, group.dtype)
+            else:
+                for name, weight in weights.items():
+                    e, projection = name[len(group.path) + 1:].split(".")
+                    linear = getattr(group.experts[int(e)], projection)
+                    linear.weight.data = weight.to(linear.weight.device, linear.weight.dtype)
+        if last:
+            if isinstance(group, ExpertsGroup):
+                group.inputs.clear()
+            self._group = None
 
     def end_block(self) -> None:
         """Compute this worker's batches' outputs as the next block's inputs, and save them."""
@@ -197,10 +217,13 @@ class CalibrationPool:
         else:  # block 0's inputs, for a block 0 that loses a worker
             self.get([w.save_inputs() for w in self.workers])
 
-    def run_block(self, index: int, targets: set[str], keep: Keep, cost: Callable[[str], float], retry: Callable[[], None]) -> None:
+    def run_block(self, index: int, targets: set[str], keep: Keep, cost: Callable[[str], float], fallbacks: dict[str, int],
+                  retry: Callable[[], None]) -> None:
+        calibration = self.specs[0].job.config.calibration
+        policy = ExpertPolicy(calibration.moe_calibration, calibration.moe_min_tokens, parse_size(calibration.moe_memory))
         for attempt in range(self.attempts + 1):
             try:
-                calibrated_block(self.workers, self.get, index, targets, keep, cost)
+                calibrated_block(self.workers, self.get, index, targets, keep, cost, fallbacks, policy)
                 return
             except self.lost as exc:
                 if attempt == self.attempts:
@@ -256,25 +279,35 @@ def by_cost(names: list[str], cost: Callable[[str], float], workers: int) -> lis
 Keep = Callable[[str, list[tuple[str, Tensor]], list[Any]], None]
 
 
-def calibrated_block(workers: list[Any], get: Any, index: int, targets: set[str], keep: Keep, cost: Callable[[str], float]) -> None:
+def calibrated_block(workers: list[Any], get: Any, index: int, targets: set[str], keep: Keep, cost: Callable[[str], float],
+                     fallbacks: dict[str, int], policy: ExpertPolicy) -> None:
     """Drive one block through every worker's phases. `get` resolves the workers' results (Ray's ``ray.get``, or the
     identity for in-process workers). Per group, the driver adds the batches' partial sums in batch order, the
     workers quantize the group's Linears (spread by `cost`, `by_cost`), and `keep(name, tensors, records)` takes
-    each one's output in the group's order."""
+    each one's output in the group's order. A group of routed experts goes through `calibrate_experts_over`, which
+    fills `fallbacks`."""
     counts = get([w.begin_block(index, targets) for w in workers])
     if len(set(counts)) != 1:
         raise LlmquantError(f"block {index}: the workers found different sequential groups ({counts})")
+
+    def solve(items: list[tuple[str, CalibrationStats | None]], last: bool = False) -> None:
+        split = by_cost([name for name, _ in items], cost, len(workers))
+        stats = dict(items)
+        replies = get([workers[w].solve([(n, stats[n]) for n in mine]) for w, mine in enumerate(split) if mine])
+        solved = {name: rest for reply in replies for name, *rest in reply}
+        for name, _ in items:
+            keep(name, solved[name][0], solved[name][1])
+        get([w.apply({name: solved[name][2] for name, _ in items}, last) for w in workers])
+
     for g in range(counts[0]):
         found = get([w.collect(g) for w in workers])
         if found[0] is None:
             continue
-        names = found[0][0]
+        if isinstance(found[0], ExpertsFound):
+            calibrate_experts_over(workers, get, found, targets, solve, policy, fallbacks)
+            get([w.apply({}, True) for w in workers])
+            continue
         parts = [p for _, worker_parts in found for p in worker_parts]
         stats = reduce_partials(parts[0].xtx.shape[0], parts).stats()
-        split = by_cost(names, cost, len(workers))
-        solved = {name: rest for reply in get([workers[w].solve(mine, stats) for w, mine in enumerate(split) if mine])
-                  for name, *rest in reply}
-        for name in names:
-            keep(name, solved[name][0], solved[name][1])
-        get([w.apply({name: solved[name][2] for name in names}) for w in workers])
+        solve([(name, stats) for name in found[0][0]], last=True)
     get([w.end_block() for w in workers])

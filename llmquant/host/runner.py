@@ -302,8 +302,9 @@ class _DistributedCalibration:
 
         def forget() -> None:  # a block redone after a lost worker quantizes its Linears again
             job.tensors, job.records = [], []
+            self.fallbacks.clear()
 
-        self.pool.run_block(index, targets, keep, cost, forget)
+        self.pool.run_block(index, targets, keep, cost, self.fallbacks, forget)
 
 
 def _distributed(job: _Job, executor: Executor, samples: torch.Tensor, transforms: Transforms | None, plan: _Plan,
@@ -313,8 +314,6 @@ def _distributed(job: _Job, executor: Executor, samples: torch.Tensor, transform
     where = f"--executor {executor.name}"
     if transforms is not None:
         raise LlmquantError(f"{where} does not run block transforms yet: use --executor local with --transform")
-    if plan.experts:
-        raise LlmquantError(f"{where} does not calibrate mixture-of-experts blocks yet: use --executor local")
     batch = job.config.calibration.calib_batch_size
     batches = (len(samples) + batch - 1) // batch
     specs = [WorkerSpec(job, samples[r.start * batch:r.stop * batch], r.start, partial.batches, entry.cls.needs_calibration,

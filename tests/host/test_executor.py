@@ -159,3 +159,19 @@ def test_solves_are_spread_over_workers_by_cost_largest_first() -> None:
     assert by_cost(list(costs), costs.__getitem__, 2) == [["up", "q", "k"], ["gate", "o", "v"]]
     assert by_cost(["q"], costs.__getitem__, 3) == [["q"], [], []]
     assert by_cost(list(costs), costs.__getitem__, 1) == [["up", "gate", "q", "o", "k", "v"]]
+
+
+@pytest.mark.parametrize(("arch", "policy"), [("mixtral", "routed"), ("qwen2_moe", "all")])
+def test_ray_calibrates_routed_experts_to_the_same_bytes(tmp_path: Path, ray_cluster: Any, arch: str, policy: str) -> None:
+    """Each expert's Hessian from the batches' routed tokens, added in batch order; the experts' solves spread over the
+    workers; experts below the token floor fall back the same way."""
+    from conftest import save_tiny_moe
+
+    source = save_tiny_moe(tmp_path / "model", arch)
+    settings = {**GPTQ, "calib": str(calibration_file(tmp_path)), "moe_calibration": policy, "moe_min_tokens": 0.25}
+    local = quantize(source, tmp_path / "local", settings)
+    quantize(source, tmp_path / "ray", {**settings, "executor": "ray", "ray_address": ray_cluster.address, "workers": 2})
+    assert file_hashes(tmp_path / "ray") == file_hashes(tmp_path / "local")
+    if policy == "routed":
+        fallbacks = [r.name for r in local.modules if "fallback" in str(r.extra.get("calibration", ""))]
+        assert 0 < len(fallbacks) < 2 * 8 * 3, fallbacks  # some experts fell under the floor, not all
