@@ -41,7 +41,7 @@ from llmquant.host.hessian import BatchPartials, reduce_partials
 from llmquant.host.moe import defused_skeleton, weight_shapes
 from llmquant.io.shards import parse_size
 
-__all__ = ["CalibrationPool", "CalibrationWorker", "WorkerSpec", "split_batches"]
+__all__ = ["CalibrationPool", "CalibrationWorker", "Traffic", "WorkerSpec", "split_batches", "tensor_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,7 @@ class CalibrationPool:
         self.specs, self.start, self.get, self.lost, self.attempts = specs, start, get, lost, attempts
         self.workers = [start(spec) for spec in specs]
         self.replaced = 0
+        self.traffic: list[Traffic] = []  # per block run, for the benchmarks
         if first_block:
             self.restore(first_block)
         else:  # block 0's inputs, for a block 0 that loses a worker
@@ -223,7 +224,11 @@ class CalibrationPool:
         policy = ExpertPolicy(calibration.moe_calibration, calibration.moe_min_tokens, parse_size(calibration.moe_memory))
         for attempt in range(self.attempts + 1):
             try:
-                calibrated_block(self.workers, self.get, index, targets, keep, cost, fallbacks, policy)
+                traffic = Traffic()
+                calibrated_block(self.workers, self.get, index, targets, keep, cost, fallbacks, policy, traffic)
+                self.traffic.append(traffic)
+                log.info("block %d over %d workers: %.1f MB of tensors to the driver, %.1f MB from it", index,
+                         len(self.workers), traffic.to_driver / 1e6, traffic.from_driver / 1e6)
                 return
             except self.lost as exc:
                 if attempt == self.attempts:
@@ -279,8 +284,30 @@ def by_cost(names: list[str], cost: Callable[[str], float], workers: int) -> lis
 Keep = Callable[[str, list[tuple[str, Tensor]], list[Any]], None]
 
 
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in `obj` (lists, tuples, dicts and dataclasses of them): what a call moves."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(o) for o in obj.values())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return 0
+
+
+@dataclass
+class Traffic:
+    """Tensor bytes moved for one block: to the driver (partial sums, solved Linears) and from it (statistics to the
+    solving workers, dequantized weights to every worker)."""
+
+    to_driver: int = 0
+    from_driver: int = 0
+
+
 def calibrated_block(workers: list[Any], get: Any, index: int, targets: set[str], keep: Keep, cost: Callable[[str], float],
-                     fallbacks: dict[str, int], policy: ExpertPolicy) -> None:
+                     fallbacks: dict[str, int], policy: ExpertPolicy, traffic: Traffic | None = None) -> None:
     """Drive one block through every worker's phases. `get` resolves the workers' results (Ray's ``ray.get``, or the
     identity for in-process workers). Per group, the driver adds the batches' partial sums in batch order, the
     workers quantize the group's Linears (spread by `cost`, `by_cost`), and `keep(name, tensors, records)` takes
@@ -290,21 +317,32 @@ def calibrated_block(workers: list[Any], get: Any, index: int, targets: set[str]
     if len(set(counts)) != 1:
         raise LlmquantError(f"block {index}: the workers found different sequential groups ({counts})")
 
+    moved = traffic or Traffic()
+
+    def got(handles: list[Any]) -> list[Any]:
+        replies = get(handles)
+        moved.to_driver += tensor_bytes(replies)
+        return list(replies)
+
     def solve(items: list[tuple[str, CalibrationStats | None]], last: bool = False) -> None:
         split = by_cost([name for name, _ in items], cost, len(workers))
         stats = dict(items)
-        replies = get([workers[w].solve([(n, stats[n]) for n in mine]) for w, mine in enumerate(split) if mine])
+        calls = [(w, [(n, stats[n]) for n in mine]) for w, mine in enumerate(split) if mine]
+        moved.from_driver += sum(tensor_bytes(list({id(s): s for _, s in call}.values())) for _, call in calls)  # one copy each
+        replies = got([workers[w].solve(call) for w, call in calls])
         solved = {name: rest for reply in replies for name, *rest in reply}
         for name, _ in items:
             keep(name, solved[name][0], solved[name][1])
-        get([w.apply({name: solved[name][2] for name, _ in items}, last) for w in workers])
+        weights = {name: solved[name][2] for name, _ in items}
+        moved.from_driver += tensor_bytes(weights) * len(workers)
+        get([w.apply(weights, last) for w in workers])
 
     for g in range(counts[0]):
-        found = get([w.collect(g) for w in workers])
+        found = got([w.collect(g) for w in workers])
         if found[0] is None:
             continue
         if isinstance(found[0], ExpertsFound):
-            calibrate_experts_over(workers, get, found, targets, solve, policy, fallbacks)
+            calibrate_experts_over(workers, got, found, targets, solve, policy, fallbacks)
             get([w.apply({}, True) for w in workers])
             continue
         parts = [p for _, worker_parts in found for p in worker_parts]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -92,14 +93,23 @@ def test_a_bad_ray_address_is_a_one_line_error(model: Path, tmp_path: Path) -> N
     assert not (tmp_path / "out").exists()
 
 
-def test_ray_calibrates_gptq_to_the_same_bytes_with_one_and_two_workers(model: Path, tmp_path: Path, ray_cluster: Any) -> None:
-    """The Hessians are the same per-batch sums added in batch order, wherever the batches were."""
+def test_ray_calibrates_gptq_to_the_same_bytes_with_one_and_two_workers(model: Path, tmp_path: Path, ray_cluster: Any,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The Hessians are the same per-batch sums added in batch order, wherever the batches were; what each block
+    moves is logged: at least every batch's partial sums to the driver and the weights to every worker."""
     settings = {"algo": "gptq", "group_size": 32, "calib": str(calibration_file(tmp_path)), "calib_samples": 16,
                 "calib_seqlen": 32, "calib_batch_size": 4}
     quantize(model, tmp_path / "local", settings)
     for workers in (1, 2):
-        quantize(model, tmp_path / f"ray{workers}", {**settings, "executor": "ray", "ray_address": ray_cluster.address, "workers": workers})
+        with caplog.at_level(logging.INFO, logger="llmquant.host.distributed"):
+            quantize(model, tmp_path / f"ray{workers}", {**settings, "executor": "ray", "ray_address": ray_cluster.address,
+                                                         "workers": workers})
         assert file_hashes(tmp_path / f"ray{workers}") == file_hashes(tmp_path / "local")
+    moved = re.search(r"block 0 over 2 workers: ([\d.]+) MB of tensors to the driver, ([\d.]+) MB from it", caplog.text)
+    assert moved is not None, caplog.text[-2000:]
+    partials = 4 * 4 * (3 * 128**2 + 256**2)  # 4 batches' x^T x, float32: q/k/v, o and gate/up read 128 wide, down 256
+    weights = 2 * (128 * 128 * 2 + 64 * 128 * 2 + 256 * 128 * 3)  # the block's dequantized weights, at least 2 bytes each
+    assert float(moved[1]) * 1e6 >= partials and float(moved[2]) * 1e6 >= 2 * weights
 
 
 GPTQ = {"algo": "gptq", "group_size": 32, "calib_samples": 16, "calib_seqlen": 32, "calib_batch_size": 4}
@@ -175,3 +185,13 @@ def test_ray_calibrates_routed_experts_to_the_same_bytes(tmp_path: Path, ray_clu
     if policy == "routed":
         fallbacks = [r.name for r in local.modules if "fallback" in str(r.extra.get("calibration", ""))]
         assert 0 < len(fallbacks) < 2 * 8 * 3, fallbacks  # some experts fell under the floor, not all
+
+
+def test_tensor_bytes_counts_what_a_call_moves() -> None:
+    import torch
+
+    from llmquant.algorithm import CalibrationStats
+    from llmquant.host.distributed import tensor_bytes
+
+    stats = CalibrationStats(H=torch.zeros(8, 8), nsamples=3)
+    assert tensor_bytes([("q", stats), {"w": torch.zeros(4, 2, dtype=torch.float16)}, 7, "x"]) == 8 * 8 * 4 + 4 * 2 * 2
