@@ -157,7 +157,8 @@ class CalibrationWorker:
                 records: list[Any] = []
                 result = job.quantize_into(job.plan.keys.disk(name), stats if job.entry.cls.needs_calibration else None,
                                            tensors, records)
-                solved.append((name, tensors, records, result.dequantize()))
+                # in the calibration dtype that every worker runs the block in: half of float32's bytes to move
+                solved.append((name, tensors, records, result.dequantize().to(self.calibrator.dtype)))
         finally:
             torch.set_num_threads(threads)
         return solved
@@ -338,14 +339,19 @@ def calibrated_block(workers: list[Any], get: Any, index: int, targets: set[str]
         get([w.apply(weights, last) for w in workers])
 
     for g in range(counts[0]):
-        found = got([w.collect(g) for w in workers])
-        if found[0] is None:
+        handles = [w.collect(g) for w in workers]
+        first = got(handles[:1])[0]
+        if first is None or isinstance(first, ExpertsFound):
+            found = [first] + got(handles[1:])
+            if first is not None:
+                calibrate_experts_over(workers, got, found, targets, solve, policy, fallbacks)
+                get([w.apply({}, True) for w in workers])
             continue
-        if isinstance(found[0], ExpertsFound):
-            calibrate_experts_over(workers, got, found, targets, solve, policy, fallbacks)
-            get([w.apply({}, True) for w in workers])
-            continue
-        parts = [p for _, worker_parts in found for p in worker_parts]
-        stats = reduce_partials(parts[0].xtx.shape[0], parts).stats()
-        solve([(name, stats) for name in found[0][0]], last=True)
+        names, parts = first
+        total = reduce_partials(parts[0].xtx.shape[0], parts)
+        for handle in handles[1:]:  # one worker's partials at a time: workers hold contiguous runs of batches, in order
+            total = reduce_partials(total.in_features, got([handle])[0][1], into=total)
+        del parts, first
+        stats = total.stats()  # scales in place: once
+        solve([(name, stats) for name in names], last=True)
     get([w.end_block() for w in workers])

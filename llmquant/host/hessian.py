@@ -75,11 +75,12 @@ class HessianAccumulator:
                                 dXXT=self.delta.mul_(scale) if self.delta is not None else None)
 
 
-def reduce_partials(in_features: int, partials: list[BatchPartials], device: torch.device | str = "cpu") -> HessianAccumulator:
+def reduce_partials(in_features: int, partials: list[BatchPartials], device: torch.device | str = "cpu",
+                    into: HessianAccumulator | None = None) -> HessianAccumulator:
     """Add per-batch partials (from any number of workers) in batch order: the same bits as one
-    `HessianAccumulator` that saw every batch in that order."""
-    float_inputs = any(p.delta is not None for p in partials)
-    total = HessianAccumulator(in_features, torch.device(device), float_inputs)
+    `HessianAccumulator` that saw every batch in that order. `into` continues a reduction with the
+    partials of later batches (a driver adding each worker's as it arrives)."""
+    total = into or HessianAccumulator(in_features, torch.device(device), any(p.delta is not None for p in partials))
     for part in sorted(partials, key=lambda p: p.batch):
         total.total += part.xtx.to(total.device)
         if total.delta is not None and part.delta is not None:
