@@ -501,13 +501,18 @@ def _assemble(job: _Job, partial: PartialRun, folder: Path) -> list[ModuleRecord
     writer = ShardWriter(folder, parse_size(job.config.max_shard_size), metadata, header_reserve=header_bound(names, metadata))
     records: list[ModuleRecord] = []
     for index, (reader, order) in enumerate(blocks):
-        for name in order:
-            writer.add(name, reader[name])
+        for name in order:  # the stored blocks' bytes, copied file to file
+            info = reader.infos[name]
+            writer.copy(name, info.dtype, info.shape, info.path, info.start, info.nbytes)
         records.extend(partial.block_records(index))
-        return_freed_memory(collect=False)
     fault_point("assemble")
+    raw = type(job.checkpoint) is Checkpoint  # not a transformed model's edited tensors
     for key in outside:
-        writer.add(job.plan.output_names(key), job.read(key))
+        info = job.checkpoint.infos[key]
+        if raw and (job.cast is None or job.cast == info.dtype or not info.dtype.is_floating_point):
+            writer.copy(job.plan.output_names(key), info.dtype, info.shape, info.path, info.start, info.nbytes)
+        else:
+            writer.add(job.plan.output_names(key), job.read(key))
     writer.close()
     fault_point("shards-written")
     return records

@@ -67,6 +67,34 @@ class _Shard:
         self.data.write(raw)
         self.size += raw.nbytes
 
+    def copy(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], source: Path, start: int, nbytes: int) -> None:
+        """Append a tensor's bytes straight from another safetensors file (the kernel copies them:
+        nothing passes through Python or a tensor)."""
+        self.header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [self.size, self.size + nbytes]}
+        self.data.flush()
+        at = 8 + self.reserve + self.size
+        with open(source, "rb") as src:
+            done = 0
+            try:
+                while done < nbytes:
+                    step = os.copy_file_range(src.fileno(), self.data.fileno(), nbytes - done, start + done, at + done)
+                    if step == 0:
+                        break
+                    done += step
+            except OSError:  # a file system or kernel without copy_file_range: copy the rest through a buffer
+                pass
+            self.data.seek(at + done)
+            src.seek(start + done)
+            left = nbytes - done
+            while left:
+                chunk = src.read(min(left, 16 * 2**20))
+                if not chunk:
+                    raise OSError(f"{source} ended while copying {name!r}")
+                self.data.write(chunk)
+                left -= len(chunk)
+        self.data.seek(at + nbytes)
+        self.size += nbytes
+
     def close(self, final_path: Path, metadata: dict[str, str]) -> None:
         header = json.dumps({"__metadata__": metadata, **self.header}, separators=(",", ":")).encode()
         if len(header) <= self.reserve:
@@ -114,14 +142,22 @@ class ShardWriter:
     def add(self, name: str, tensor: Tensor) -> None:
         """Append one tensor, starting a new shard when this one would pass the size cap."""
         nbytes = tensor.numel() * tensor.element_size()
+        self._shard_for(nbytes).add(name, tensor)
+        self.total_size += nbytes
+
+    def copy(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], source: Path, start: int, nbytes: int) -> None:
+        """Append a tensor stored at bytes ``start:start+nbytes`` of `source` (a safetensors file), as `add` would."""
+        self._shard_for(nbytes).copy(name, dtype, shape, source, start, nbytes)
+        self.total_size += nbytes
+
+    def _shard_for(self, nbytes: int) -> _Shard:
         current = self.shards[-1] if self.shards else None
         if current is None or (current.size and current.size + nbytes > self.max_shard_size):
             if current is not None:
                 current.data.flush()
             current = _Shard(self.folder / f"shard-{len(self.shards) + 1:05d}.partial", self.header_reserve)
             self.shards.append(current)
-        current.add(name, tensor)
-        self.total_size += nbytes
+        return current
 
     def add_all(self, prefix: str, tensors: dict[str, Tensor]) -> None:
         """Append ``{prefix}.{name}`` for every tensor."""

@@ -121,3 +121,31 @@ def test_header_bound_holds_for_long_names_and_huge_shapes() -> None:
             names.append((name, ndim))
         size = len(json_.dumps(header, separators=(",", ":")).encode())
         assert size <= header_bound(names, {"quantizer": "llmquant"})
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_copying_a_tensors_bytes_from_a_file_writes_what_adding_it_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                          kernel_copy: bool) -> None:
+    """`copy` (the kernel's copy_file_range, or a buffer where the file system has none) and `add` give the same file."""
+    import os
+
+    save_file(TENSORS, str(tmp_path / "source.safetensors"))
+    source = Checkpoint(tmp_path)
+    if not kernel_copy:
+        def no_copy_file_range(*args: object) -> int:
+            raise OSError(38, "Function not implemented")
+
+        monkeypatch.setattr(os, "copy_file_range", no_copy_file_range)
+    for way in ("added", "copied"):
+        writer = ShardWriter(tmp_path / way, max_shard_size=100, header_reserve=4096)
+        (tmp_path / way).mkdir()
+        for name in TENSORS:
+            info = source.infos[name]
+            if way == "added":
+                writer.add(name, source[name])
+            else:
+                writer.copy(name, info.dtype, info.shape, info.path, info.start, info.nbytes)
+        writer.close()
+    added, copied = sorted((tmp_path / "added").iterdir()), sorted((tmp_path / "copied").iterdir())
+    assert [p.name for p in added] == [p.name for p in copied] and len(added) > 2  # shards split at the cap, and an index
+    assert all(a.read_bytes() == c.read_bytes() for a, c in zip(added, copied))
