@@ -59,8 +59,10 @@ print(json.dumps({"wall_s": time.perf_counter() - start, "driver_peak_mb": peak_
 
 
 def start_cluster() -> Any:
+    from llmquant.deps import require
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from ray.cluster_utils import Cluster
+    Cluster = require("ray.cluster_utils", extra="ray", purpose="the Ray rows").Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     for _ in range(2):
@@ -71,17 +73,13 @@ def start_cluster() -> Any:
 
 def run_row(model: Path, out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Run one quantization in a child process, polling the Ray workers' memory while it runs."""
-    import psutil
-
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), RAY_AUTH_MODE="disabled")
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(model), str(out), json.dumps(settings)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     workers: dict[int, float] = {}
     while child.poll() is None:
-        for proc in psutil.process_iter(["pid", "cmdline", "memory_info"]):
-            title = " ".join(proc.info["cmdline"] or [])
-            if title.startswith("ray::") and any(t in title for t in TASKS) and proc.info["memory_info"] is not None:
-                workers[proc.info["pid"]] = max(workers.get(proc.info["pid"], 0.0), proc.info["memory_info"].rss / 2**20)
+        for pid, rss in ray_workers_rss_mb().items():
+            workers[pid] = max(workers.get(pid, 0.0), rss)
         time.sleep(0.2)
     stdout, stderr = child.communicate()
     if child.returncode != 0:
@@ -89,6 +87,20 @@ def run_row(model: Path, out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
     result["worker_peak_mb"] = sorted(workers.values(), reverse=True)
     return result
+
+
+def ray_workers_rss_mb() -> dict[int, float]:
+    """RSS of the processes running llmquant's Ray tasks now, by pid (Linux's /proc)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if title.startswith("ray::") and any(t in title for t in TASKS):
+                rss = next(line for line in (proc / "status").read_text().splitlines() if line.startswith("VmRSS:"))
+                found[int(proc.name)] = int(rss.split()[1]) / 1024
+        except (OSError, ValueError, StopIteration):  # not a process, or one that just ended
+            continue
+    return found
 
 
 def output_hash(folder: Path) -> str:
