@@ -35,7 +35,7 @@ from llmquant.algorithm import CalibrationStats
 from llmquant.errors import LlmquantError
 from llmquant.host.calibrate import SequentialCalibrator
 from llmquant.host.distributed_experts import ExpertsFound, calibrate_experts_over, expert_partials, experts_found
-from llmquant.host.expert_calibration import ExpertPolicy
+from llmquant.host.expert_calibration import ExpertPolicy, routed_rows
 from llmquant.host.groups import ExpertsGroup, LinearGroup
 from llmquant.host.hessian import BatchPartials, reduce_partials
 from llmquant.host.moe import defused_skeleton, weight_shapes
@@ -94,6 +94,7 @@ class CalibrationWorker:
             hessians=spec.hessians, float_inputs=spec.float_inputs, partials=True)
         self.calibrator.capture_inputs()
         self._group: LinearGroup | ExpertsGroup | None = None
+        self._rows: list[list[Tensor]] = []  # the current experts group's routed rows per batch and expert
 
     def save_inputs(self) -> None:
         """Write each of this worker's batches' inputs to the next block as its own file."""
@@ -131,8 +132,8 @@ class CalibrationWorker:
         if collector is None:
             return None
         if isinstance(collector, ExpertsGroup):
-            self._group = collector
-            return experts_found(collector)
+            self._group, self._rows = collector, routed_rows(collector.inputs, len(collector.experts))  # once per group
+            return experts_found(collector, self._rows)
         if not isinstance(collector, LinearGroup) or collector.hessian is None:
             raise LlmquantError(f"group {g}: {type(collector).__name__} is not calibrated over workers")
         self._group = collector
@@ -142,7 +143,7 @@ class CalibrationWorker:
     def expert_partials(self, experts: list[int], stage: str, mode: str) -> dict[int, list[BatchPartials]]:
         """Per expert, each of this worker's batches' partial sums for the current experts group (`expert_partials`)."""
         assert isinstance(self._group, ExpertsGroup)
-        return expert_partials(self._group, self.first_batch, experts, stage, mode)
+        return expert_partials(self._group, self._rows, self.first_batch, experts, stage, mode)
 
     def solve(self, items: list[tuple[str, CalibrationStats | None]]) -> list[tuple[str, list[tuple[str, Tensor]], list[Any], Tensor]]:
         """Quantize the Linears named in `items` (model names) with their statistics: each one's output tensors,
@@ -179,6 +180,7 @@ class CalibrationWorker:
         if last:
             if isinstance(group, ExpertsGroup):
                 group.inputs.clear()
+                self._rows = []
             self._group = None
 
     def end_block(self) -> None:

@@ -11,7 +11,6 @@ chunk of experts, and every worker takes the dequantized weights.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,13 +19,12 @@ import torch
 from torch import Tensor
 
 from llmquant.algorithm import CalibrationStats
-from llmquant.host.expert_calibration import ExpertPolicy, chunk_size
+from llmquant.host.expert_calibration import ExpertPolicy, chunk_size, is_calibrated, note_fallback
 from llmquant.host.groups import ExpertsGroup
 from llmquant.host.hessian import BatchPartials, HessianAccumulator, reduce_partials
 
 __all__ = ["ExpertsFound", "calibrate_experts_over", "expert_partials", "experts_found"]
 
-log = logging.getLogger(__name__)
 
 SHARED = -1  # the key of the Hessian every expert shares under the "all" policy
 
@@ -43,14 +41,9 @@ class ExpertsFound:
     intermediate: int
 
 
-def _rows(group: ExpertsGroup) -> list[list[Tensor]]:
-    """Per batch and expert, the rows (tokens) routed to the expert."""
-    return [[(idx == e).any(-1).nonzero()[:, 0] for e in range(len(group.experts))] for _, idx in group.inputs]
-
-
-def experts_found(group: ExpertsGroup) -> ExpertsFound:
+def experts_found(group: ExpertsGroup, rows: list[list[Tensor]]) -> ExpertsFound:
+    """What `rows` (`routed_rows` of the group's inputs) say of the group's experts."""
     experts = group.experts
-    rows = _rows(group)
     return ExpertsFound(group.path, (experts.gate, experts.up, experts.down),
                         [sum(int(r[e].numel()) for r in rows) for e in range(len(experts))],
                         sum(int(h.shape[0]) for h, _ in group.inputs),
@@ -58,11 +51,10 @@ def experts_found(group: ExpertsGroup) -> ExpertsFound:
 
 
 @torch.no_grad()
-def expert_partials(group: ExpertsGroup, first_batch: int, experts: list[int], stage: str,
+def expert_partials(group: ExpertsGroup, rows: list[list[Tensor]], first_batch: int, experts: list[int], stage: str,
                     mode: str) -> dict[int, list[BatchPartials]]:
     """Each batch's ``x^T x`` (numbered from `first_batch`) for the inputs of the experts' gate/up (`stage` "gate_up";
-    `SHARED` for all tokens), or of their down projections ("down")."""
-    rows = _rows(group)
+    `SHARED` for all tokens), or of their down projections ("down"); `rows`: the group's `routed_rows`."""
     found: dict[int, list[BatchPartials]] = {}
     for e in experts:
         acc: HessianAccumulator | None = None
@@ -98,7 +90,7 @@ def calibrate_experts_over(workers: list[Any], get: Any, found: list[ExpertsFoun
     step = chunk_size(first.hidden, first.intermediate, policy)
     for start in range(0, count, step):
         chunk = range(start, min(count, start + step))
-        calibrated = {e: policy.mode == "all" or (counts[e] > 0 and counts[e] >= policy.min_tokens * total) for e in chunk}
+        calibrated = {e: is_calibrated(policy, counts[e], total) for e in chunk}
         measured = [e for e in chunk if calibrated[e]]
         gate_up: dict[int, CalibrationStats | None] = dict.fromkeys(chunk)
         if shared is not None:
@@ -112,6 +104,4 @@ def calibrate_experts_over(workers: list[Any], get: Any, found: list[ExpertsFoun
         solve([(f"{first.path}.{e}.{down}", down_stats[e]) for e in chunk if f"{first.path}.{e}.{down}" in targets])
         for e in chunk:
             if not calibrated[e]:
-                log.info("%s.%d: %d of %d calibration tokens routed to it (under %.2f%%): quantized without calibration",
-                         first.path, e, counts[e], total, 100 * policy.min_tokens)
-                fallbacks.update({f"{first.path}.{e}.{p}": counts[e] for p in (gate, up, down) if f"{first.path}.{e}.{p}" in targets})
+                note_fallback(first.path, e, first.roles, counts[e], total, policy, targets, fallbacks)

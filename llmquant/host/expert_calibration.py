@@ -32,7 +32,7 @@ from llmquant.algorithm import CalibrationStats
 from llmquant.host.hessian import HessianAccumulator
 from llmquant.host.moe import ExpertLinears
 
-__all__ = ["ExpertPolicy", "calibrate_experts", "chunk_size"]
+__all__ = ["ExpertPolicy", "calibrate_experts", "chunk_size", "is_calibrated", "note_fallback", "routed_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,24 @@ def chunk_size(hidden: int, intermediate: int, policy: ExpertPolicy) -> int:
     return max(1, policy.memory // per_expert)
 
 
+def routed_rows(inputs: list[tuple[Tensor, Tensor]], experts: int) -> list[list[Tensor]]:
+    """Per calibration batch and expert, the rows (tokens) the router sends to the expert."""
+    return [[(idx == e).any(-1).nonzero()[:, 0] for e in range(experts)] for _, idx in inputs]
+
+
+def is_calibrated(policy: ExpertPolicy, count: int, total: int) -> bool:
+    """Whether an expert that received `count` of `total` calibration tokens is calibrated (else it falls back)."""
+    return policy.mode == "all" or (count > 0 and count >= policy.min_tokens * total)
+
+
+def note_fallback(path: str, e: int, roles: tuple[str, ...], count: int, total: int, policy: ExpertPolicy, targets: set[str],
+                  fallbacks: dict[str, int]) -> None:
+    """Log an expert quantized without calibration and add its projections in `targets` to `fallbacks`."""
+    log.info("%s.%d: %d of %d calibration tokens routed to it (under %.2f%%): quantized without calibration",
+             path, e, count, total, 100 * policy.min_tokens)
+    fallbacks.update({f"{path}.{e}.{p}": count for p in roles if f"{path}.{e}.{p}" in targets})
+
+
 @torch.no_grad()
 def calibrate_experts(experts: ExpertLinears, path: str, inputs: list[tuple[Tensor, Tensor]], quantize: Quantize,
                       targets: set[str], policy: ExpertPolicy) -> dict[str, int]:
@@ -80,7 +98,7 @@ def calibrate_experts(experts: ExpertLinears, path: str, inputs: list[tuple[Tens
     """
     device = inputs[0][0].device
     total = sum(h.shape[0] for h, _ in inputs)
-    rows = [[(idx == e).any(-1).nonzero()[:, 0] for e in range(len(experts))] for _, idx in inputs]
+    rows = routed_rows(inputs, len(experts))
     counts = [sum(int(r[e].numel()) for r in rows) for e in range(len(experts))]
     hidden = getattr(experts[0], experts.gate).in_features
     inter = getattr(experts[0], experts.down).in_features
@@ -94,7 +112,7 @@ def calibrate_experts(experts: ExpertLinears, path: str, inputs: list[tuple[Tens
     step = chunk_size(hidden, inter, policy)
     for start in range(0, len(experts), step):
         chunk = range(start, min(len(experts), start + step))
-        calibrated = {e: policy.mode == "all" or (counts[e] > 0 and counts[e] >= policy.min_tokens * total) for e in chunk}
+        calibrated = {e: is_calibrated(policy, counts[e], total) for e in chunk}
         gate_up: dict[int, CalibrationStats | None] = {}
         for e in chunk:
             if policy.mode == "all":
@@ -119,10 +137,7 @@ def calibrate_experts(experts: ExpertLinears, path: str, inputs: list[tuple[Tens
             _quantize(experts, path, e, (experts.down,), stats, quantize, targets)
         for e in chunk:
             if not calibrated[e]:
-                log.info("%s.%d: %d of %d calibration tokens routed to it (under %.2f%%): quantized without calibration",
-                         path, e, counts[e], total, 100 * policy.min_tokens)
-                fallbacks.update({f"{path}.{e}.{p}": counts[e] for p in (experts.gate, experts.up, experts.down)
-                                  if f"{path}.{e}.{p}" in targets})
+                note_fallback(path, e, (experts.gate, experts.up, experts.down), counts[e], total, policy, targets, fallbacks)
     return fallbacks
 
 
