@@ -80,3 +80,15 @@ def test_pack_unpack_round_trip(bits: int, chunks: int, cols: int, dim: int, see
 def test_length_that_cannot_pack_is_named() -> None:
     with pytest.raises(ShapeError, match="multiple of 32"):
         pack_int32(torch.zeros(31, 2, dtype=torch.long), 3)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("bits", [2, 4, 8], ids=lambda b: f"{b}bit")
+def test_byte_path_equals_word_path(bits: int, dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2/4/8 bits pack bytes and read them as little-endian words; the int32 path (big-endian machines) agrees."""
+    import llmquant.io.packing as packing
+
+    values = torch.randint(0, 2**bits, (64, 96), generator=torch.Generator().manual_seed(bits))
+    fast = pack_int32(values, bits, dim=dim)
+    monkeypatch.setattr(packing.sys, "byteorder", "big")
+    assert fast.is_contiguous() and torch.equal(fast, pack_int32(values, bits, dim=dim))
