@@ -80,8 +80,8 @@ def markdown_table(results: dict[str, Any]) -> str:
             cells = [f"failed: {row['error']}", *["-"] * 5, _num(row.get("sampled_peak_rss_mb")) + " (sampled)", *["-"] * 5]
         else:
             ppl, seconds, decode = row.get("perplexity"), row.get("quantize_s"), row.get("decode_tok_s")
-            gptq = name.startswith(("gptq-", "gptqmodel-gptq", "llmcompressor-gptq"))
-            peer_s = peer_gptq.get(row_bits(name))  # against GPTQModel at the same bits
+            gptq = "gptq" in name or "awq" in name  # calibrated rows: against GPTQModel GPTQ at the same bits
+            peer_s = peer_gptq.get(row_bits(name))
             cells = [_num(ppl, 2), f"{ppl / ppl0:.3f}" if ppl and ppl0 else "-", _num(seconds, 1),
                      f"{seconds / peer_s:.2f}x" if gptq and seconds and peer_s else "-",
                      f"{row['mb_s']:.0f} ({row['mb_s'] / read:.2g}x read)" if row.get("mb_s") and read else "-",
