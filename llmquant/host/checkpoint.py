@@ -117,14 +117,14 @@ class Checkpoint(Mapping[str, Tensor]):
 
     def __getitem__(self, name: str) -> Tensor:
         info = self.infos[name]
-        buffer = bytearray(info.nbytes)
+        if not info.nbytes:
+            return torch.empty(info.shape, dtype=info.dtype)
+        data = torch.empty(info.nbytes, dtype=torch.uint8)  # not zeroed first, as a bytearray would be
         with open(info.path, "rb") as f:
             f.seek(info.start)
-            if f.readinto(buffer) != info.nbytes:
+            if f.readinto(memoryview(data.numpy())) != info.nbytes:
                 raise CheckpointError(f"{info.path} is truncated while reading {name!r}; re-download it")
-        if not buffer:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+        return data.view(info.dtype).reshape(info.shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.infos)
