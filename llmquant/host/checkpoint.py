@@ -122,7 +122,7 @@ class Checkpoint(Mapping[str, Tensor]):
         data = torch.empty(info.nbytes, dtype=torch.uint8)  # not zeroed first, as a bytearray would be
         with open(info.path, "rb") as f:
             f.seek(info.start)
-            if f.readinto(memoryview(data.numpy())) != info.nbytes:
+            if f.readinto(data.numpy().data) != info.nbytes:
                 raise CheckpointError(f"{info.path} is truncated while reading {name!r}; re-download it")
         return data.view(info.dtype).reshape(info.shape)
 
