@@ -511,6 +511,8 @@ def _assemble(job: _Job, partial: PartialRun, folder: Path) -> list[ModuleRecord
         info = job.checkpoint.infos[key]
         if raw and (job.cast is None or job.cast == info.dtype or not info.dtype.is_floating_point):
             writer.copy(job.plan.output_names(key), info.dtype, info.shape, info.path, info.start, info.nbytes)
+        elif raw and job.cast is not None:  # a cast, streamed: a float32 embedding is not read whole to be halved
+            writer.cast_copy(job.plan.output_names(key), info.dtype, job.cast, info.shape, info.path, info.start, info.nbytes)
         else:
             writer.add(job.plan.output_names(key), job.read(key))
     writer.close()

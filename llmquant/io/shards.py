@@ -30,6 +30,7 @@ DTYPE_NAMES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL",
 }
+_CAST_CHUNK_BYTES = 16 * 2**20  # read and converted at a time by `cast_copy`
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -95,6 +96,25 @@ class _Shard:
         self.data.seek(at + nbytes)
         self.size += nbytes
 
+    def cast_copy(self, name: str, dtype: torch.dtype, target: torch.dtype, shape: tuple[int, ...], source: Path,
+                  start: int, nbytes: int) -> None:
+        """Append a float tensor stored in `source` as `dtype`, converted to `target` a chunk at a time
+        through two small reused buffers: no whole-tensor copy is ever allocated."""
+        count = nbytes // dtype.itemsize
+        out_bytes = count * target.itemsize
+        self.header[name] = {"dtype": DTYPE_NAMES[target], "shape": list(shape), "data_offsets": [self.size, self.size + out_bytes]}
+        step = max(1, min(count, _CAST_CHUNK_BYTES // dtype.itemsize))
+        stored, cast = torch.empty(step, dtype=dtype), torch.empty(step, dtype=target)
+        with open(source, "rb") as src:
+            src.seek(start)
+            for done in range(0, count, step):
+                n = min(step, count - done)
+                if src.readinto(stored[:n].view(torch.uint8).numpy().data) != n * dtype.itemsize:
+                    raise OSError(f"{source} ended while copying {name!r}")
+                cast[:n].copy_(stored[:n])
+                self.data.write(cast[:n].view(torch.uint8).numpy().data)
+        self.size += out_bytes
+
     def close(self, final_path: Path, metadata: dict[str, str]) -> None:
         header = json.dumps({"__metadata__": metadata, **self.header}, separators=(",", ":")).encode()
         if len(header) <= self.reserve:
@@ -149,6 +169,13 @@ class ShardWriter:
         """Append a tensor stored at bytes ``start:start+nbytes`` of `source` (a safetensors file), as `add` would."""
         self._shard_for(nbytes).copy(name, dtype, shape, source, start, nbytes)
         self.total_size += nbytes
+
+    def cast_copy(self, name: str, dtype: torch.dtype, target: torch.dtype, shape: tuple[int, ...], source: Path,
+                  start: int, nbytes: int) -> None:
+        """Append a float tensor stored at bytes ``start:start+nbytes`` of `source` as `dtype`, converted to `target`."""
+        out_bytes = nbytes // dtype.itemsize * target.itemsize
+        self._shard_for(out_bytes).cast_copy(name, dtype, target, shape, source, start, nbytes)
+        self.total_size += out_bytes
 
     def _shard_for(self, nbytes: int) -> _Shard:
         current = self.shards[-1] if self.shards else None

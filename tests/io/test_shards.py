@@ -149,3 +149,27 @@ def test_copying_a_tensors_bytes_from_a_file_writes_what_adding_it_writes(tmp_pa
     added, copied = sorted((tmp_path / "added").iterdir()), sorted((tmp_path / "copied").iterdir())
     assert [p.name for p in added] == [p.name for p in copied] and len(added) > 2  # shards split at the cap, and an index
     assert all(a.read_bytes() == c.read_bytes() for a, c in zip(added, copied))
+
+
+@pytest.mark.parametrize("target", [torch.bfloat16, torch.float16])
+def test_cast_copy_streams_what_adding_the_cast_tensor_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              target: torch.dtype) -> None:
+    """`cast_copy` converts a chunk at a time (chunks smaller than the tensor here, one ending short) and
+    writes the bytes `add` writes for the whole tensor cast at once."""
+    import llmquant.io.shards as shards
+
+    monkeypatch.setattr(shards, "_CAST_CHUNK_BYTES", 28)  # 7 float32 values: 40 elements end in a short chunk
+    source_tensors = {"a": torch.randn(8, 5) * 1000, "b": torch.randn(3), "c": torch.zeros(0, 4)}
+    save_file(source_tensors, str(tmp_path / "source.safetensors"))
+    source = Checkpoint(tmp_path)
+    for way in ("added", "cast"):
+        (tmp_path / way).mkdir()
+        writer = ShardWriter(tmp_path / way, max_shard_size=10**6, header_reserve=4096)
+        for name in source_tensors:
+            info = source.infos[name]
+            if way == "added":
+                writer.add(name, source[name].to(target))
+            else:
+                writer.cast_copy(name, info.dtype, target, info.shape, info.path, info.start, info.nbytes)
+        writer.close()
+    assert (tmp_path / "added" / "model.safetensors").read_bytes() == (tmp_path / "cast" / "model.safetensors").read_bytes()
