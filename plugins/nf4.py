@@ -17,6 +17,7 @@ bit for bit, and a bitsandbytes loader computes exactly the weights llmquant doe
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Literal
 
@@ -106,6 +107,41 @@ def quantize_absmax(absmax: Tensor, blocksize: int = NESTED_BLOCKSIZE) -> Nested
     return NestedAbsmax(codes=codes, scales=scales, code_map=code_map, offset=float(offset), blocksize=blocksize)
 
 
+def code_table(midpoints: Tensor) -> tuple[int, Tensor, Tensor]:
+    """Return the lookup table that turns a value in [-1, 1] into the count of sorted `midpoints` below it.
+
+    A value v falls in bin ``int(v * B/2 + B/2)`` of ``B`` equal bins (plus one for v = 1), B the
+    fewest (a power of two, at least 256) that put at most one midpoint in a bin. Per bin: `below`,
+    how many midpoints lie below the bin (less a margin that covers float32's rounding of the bin's
+    position, under 2**-23), and `inside`, the one midpoint in the bin or its margins (+inf where
+    none). ``below[bin] + (v > inside[bin])`` is then exactly the count that comparing v with every
+    midpoint gives. Returns ``(B, below, inside)``.
+    """
+    margin = 1e-6
+    values = midpoints.double().tolist()
+    bins = 256
+    while any(b - a <= 2 / bins + 2 * margin for a, b in zip(values, values[1:])):
+        bins *= 2
+        if bins > 2**16:
+            raise ValueError(f"codebook midpoints {values} lie too close together for a lookup table")
+    below = torch.empty(bins + 1, dtype=torch.uint8)
+    inside = torch.full((bins + 1,), float("inf"))
+    for b in range(bins + 1):
+        low, high = b / (bins / 2) - 1 - margin, (b + 1) / (bins / 2) - 1 + margin
+        held = [m for m in values if low <= m <= high]
+        below[b] = sum(m < low for m in values)
+        if held:
+            inside[b] = held[0]
+    return bins, below, inside
+
+
+@functools.lru_cache(maxsize=None)
+def _table(codebook: str) -> tuple[int, Tensor, Tensor]:
+    code = CODEBOOKS[codebook]
+    ordered = code.sort().values
+    return code_table((ordered[:-1] + ordered[1:]) / 2)
+
+
 def nf4_quantize(W: Tensor, blocksize: int = 64, codebook: str = "nf4", double_quant: bool = False) -> CodebookQuantized:
     """Quantize ``W: (out, in)`` to 4-bit codebook indices with a per-block absmax.
 
@@ -118,22 +154,32 @@ def nf4_quantize(W: Tensor, blocksize: int = 64, codebook: str = "nf4", double_q
                          f"of blocksize {blocksize}; choose a blocksize that divides it or leave it unquantized with `ignore`")
     code = CODEBOOKS[codebook].to(W.device)
     order = torch.argsort(code)
-    midpoints = (code[order[:-1]] + code[order[1:]]) / 2
+    bins, below, inside = _table(codebook)
+    below, inside = below.to(W.device), inside.to(W.device)
+    sorted_code = torch.equal(order, torch.arange(order.numel(), device=W.device))  # NF4's is: no lookup
     blocks = W.reshape(-1, blocksize)
     absmax = torch.empty(blocks.shape[0], dtype=torch.float32, device=W.device)
     codes = torch.empty(blocks.shape, dtype=torch.uint8, device=W.device)
-    sorted_code = torch.equal(order, torch.arange(order.numel(), device=W.device))  # NF4's is: no lookup
     rows = max(1, CHUNK_ELEMENTS // blocksize)
-    boundaries = midpoints.tolist()  # float32 values, exact as Python floats
+    size = min(blocks.shape[0], rows) * blocksize  # reused buffers: fresh ones cost a page fault per 4 KB
+    position, index = torch.empty(size, device=W.device), torch.empty(size, dtype=torch.int32, device=W.device)
+    midpoint, above = torch.empty(size, device=W.device), torch.empty(size, dtype=torch.bool, device=W.device)
     for start in range(0, blocks.shape[0], rows):  # chunks that stay in cache: about twice as fast as whole tensors
         chunk = blocks[start:start + rows].to(torch.float32, copy=True)
         chunk_absmax = absmax[start:start + rows]
         torch.amax(chunk.abs(), dim=-1, out=chunk_absmax)
-        scaled = chunk.mul_((1.0 / chunk_absmax.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1)
-        nearest = torch.zeros(scaled.shape, dtype=torch.uint8, device=W.device)
-        for midpoint in boundaries:  # how many midpoints lie below: bucketize's index, 2.5x faster on a chunk
-            nearest += scaled > midpoint
-        codes[start:start + rows] = nearest if sorted_code else order[nearest.long()]
+        scaled = chunk.mul_((1.0 / chunk_absmax.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1).view(-1)
+        n = scaled.numel()
+        # the nearest code is the count of midpoints below the value: the table gives it per bin of [-1, 1],
+        # bar the one midpoint a bin may hold, which is compared exactly (3x faster than 15 comparisons)
+        torch.mul(scaled, bins / 2, out=position[:n]).add_(bins / 2)
+        index[:n].copy_(position[:n]).clamp_(0, bins)  # NaN weights land in a bin too
+        nearest = codes[start:start + rows].view(-1)
+        torch.index_select(below, 0, index[:n], out=nearest)
+        torch.index_select(inside, 0, index[:n], out=midpoint[:n])
+        nearest += torch.gt(scaled, midpoint[:n], out=above[:n])
+        if not sorted_code:
+            nearest.copy_(order[nearest.long()])
     nested = quantize_absmax(absmax) if double_quant else None
     return CodebookQuantized(
         codes=codes.view(out_features, in_features),

@@ -25,6 +25,24 @@ def test_codebooks_and_dynamic_map_equal_bitsandbytes() -> None:
     assert torch.equal(dynamic_map(), bnb_functional.create_dynamic_map())
 
 
+@pytest.mark.parametrize("codebook", ["nf4", "fp4"])
+def test_code_lookup_equals_counting_midpoints_at_every_edge(codebook: str) -> None:
+    """The lookup table's codes equal bitsandbytes' rule (the count of midpoints below a value; ties
+    to the lower code) on the values where a table could slip: each midpoint, each bin edge, and the
+    floats next to them. Each 64-block leads with 1.0, so the scaled values are the probes themselves."""
+    code = NF4_CODEBOOK if codebook == "nf4" else FP4_CODEBOOK
+    ordered, order = code.sort()
+    midpoints = (ordered[:-1] + ordered[1:]) / 2
+    edges = torch.arange(1025) / 512 - 1  # every table's edges: 1024 bins or fewer, powers of two
+    exact = torch.cat([midpoints, edges, torch.tensor([0.0, -0.0, 1.0, -1.0])])
+    probes = torch.cat([exact, torch.nextafter(exact, torch.tensor(2.0)), torch.nextafter(exact, torch.tensor(-2.0)),
+                        torch.linspace(-1, 1, 20001)]).clamp(-1, 1)
+    probes = torch.nn.functional.pad(probes, (0, -probes.numel() % 63)).view(-1, 63)
+    W = torch.cat([torch.ones(probes.shape[0], 1), probes], dim=1)
+    expected = order[(W.reshape(-1, 1) > midpoints).sum(1)].to(torch.uint8)
+    assert torch.equal(nf4_quantize(W, 64, codebook).codes.flatten(), expected)
+
+
 @pytest.mark.parametrize("shape,blocksize,codebook", [
     ((256, 384), 64, "nf4"), ((576, 1536), 64, "nf4"), ((1000, 600), 32, "fp4"), ((512, 640), 128, "fp4"),
     ((512, 256), 4096, "nf4"), ((64, 96), 32, "nf4"),
