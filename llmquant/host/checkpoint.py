@@ -116,10 +116,18 @@ class Checkpoint(Mapping[str, Tensor]):
         )
 
     def __getitem__(self, name: str) -> Tensor:
+        return self.read_into(name, torch.empty(self.infos[name].nbytes, dtype=torch.uint8))  # not zeroed, as a bytearray is
+
+    def read_into(self, name: str, buffer: Tensor) -> Tensor:
+        """Read tensor `name` into the start of `buffer` (uint8, at least as long) and return a view of it.
+
+        For a caller that reads many tensors in turn and keeps none: fresh memory for every read
+        costs more than the read itself (page faults; about 3x the time on Qwen2.5-1.5B's weights).
+        """
         info = self.infos[name]
         if not info.nbytes:
             return torch.empty(info.shape, dtype=info.dtype)
-        data = torch.empty(info.nbytes, dtype=torch.uint8)  # not zeroed first, as a bytearray would be
+        data = buffer[:info.nbytes]
         with open(info.path, "rb") as f:
             f.seek(info.start)
             if f.readinto(data.numpy().data) != info.nbytes:

@@ -7,6 +7,9 @@ Layout of ``.NAME.llmquant-partial/`` while a run is under way::
     fingerprint.json              model, config, calibration data, llmquant and plugin versions
     blocks/00007.safetensors      block 7's output tensors (quantized and copied), in write order
     blocks/00007.json             block 7's module records; written last, so its presence marks the block done
+    stream.json                   for runs without calibration, whose blocks go straight into the final
+                                  shards (shard-00001.partial, ...): the blocks done, their module records
+                                  and the shard writer's state after the last of them
     activations.pt                calibration activations after the last finished block
     batches/inputs-00008/00003.pt the same, per calibration batch, where workers of `--executor ray`
                                   keep them (`llmquant.host.distributed`): block 8's inputs from batch 3
@@ -117,6 +120,20 @@ class PartialRun:
         rows = json.loads((self.blocks / f"{index:05d}.json").read_text())
         return [ModuleRecord(**{**r, "shape": tuple(r["shape"])}) for r in rows]
 
+    def save_stream(self, done: int, records: list[ModuleRecord], writer: dict[str, Any]) -> None:
+        """Mark blocks 0..`done` streamed into the shards, with their records and the writer's state."""
+        _write_atomic(self.folder / "stream.json", json.dumps({"done": done, "records": [asdict(r) for r in records],
+                                                               "writer": writer}).encode())
+
+    def stream_state(self) -> tuple[int, list[ModuleRecord], dict[str, Any]] | None:
+        """Return what `save_stream` saved last (None for a fresh run): blocks done, records, writer state."""
+        path = self.folder / "stream.json"
+        if not path.exists():
+            return None
+        saved = json.loads(path.read_text())
+        records = [ModuleRecord(**{**r, "shape": tuple(r["shape"])}) for r in saved["records"]]
+        return saved["done"], records, saved["writer"]
+
     def save_activations(self, after_block: int, tensors: list[Tensor]) -> None:
         """Keep the calibration activations that feed block ``after_block + 1``."""
         tmp = self.folder / "activations.partial"
@@ -136,7 +153,7 @@ class PartialRun:
         """Remove the resume state once the final shards are written."""
         shutil.rmtree(self.blocks, ignore_errors=True)
         shutil.rmtree(self.batches, ignore_errors=True)
-        for name in ("activations.pt", "fingerprint.json"):
+        for name in ("activations.pt", "fingerprint.json", "stream.json"):
             (self.folder / name).unlink(missing_ok=True)
 
 

@@ -130,11 +130,17 @@ class _Job:
         return self.quantize_into(module, stats, self.tensors, self.records)
 
     def quantize_into(self, module: str, stats: CalibrationStats | None, tensors: list[tuple[str, torch.Tensor]],
-                      records: list[ModuleRecord]) -> QuantResult:
-        """Quantize one Linear from the source checkpoint, adding its output tensors and record to the lists given."""
-        W = self.checkpoint[f"{module}.weight"].to(self.config.device)
+                      records: list[ModuleRecord], buffer: torch.Tensor | None = None) -> QuantResult:
+        """Quantize one Linear from the source checkpoint, adding its output tensors and record to the lists given;
+        the weight is read into `buffer` when one is given (uint8, see `Checkpoint.read_into`)."""
+        key, checkpoint = f"{module}.weight", self.checkpoint
+        W = (checkpoint.read_into(key, buffer) if buffer is not None and isinstance(checkpoint, Checkpoint) else checkpoint[key])
+        W = W.to(self.config.device)
         result: QuantResult = _run_algorithm(self.algorithm, self.entry, module, W, self.plan.configs[module], stats)
-        tensors.extend((f"{module}.{name}", t) for name, t in self.fmt.tensors(result, self.dtype).items())
+        for name, t in self.fmt.tensors(result, self.dtype).items():
+            if buffer is not None and t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
+                t = t.clone()  # a result that hands the weight back must not change with the next read
+            tensors.append((f"{module}.{name}", t))
         records.append(record_for(module, _shape2(tuple(W.shape)), result))
         return result
 
@@ -221,10 +227,14 @@ def quantize_checkpoint(
                 if done:
                     calibrator.load_inputs(partial.load_activations(done[-1]))
             try:
-                _quantize_blocks(job, calibrator, partial, len(done), executor)
+                if samples is None:  # independent blocks, written straight into the final shards
+                    records = _stream_blocks(job, partial, tmp, executor)
+                else:
+                    _quantize_blocks(job, calibrator, partial, len(done), executor)
             finally:
                 executor.close()
-            records = _assemble(job, partial, tmp)
+            if samples is not None:
+                records = _assemble(job, partial, tmp)
         except OSError as exc:
             raise disk_full_error(exc, tmp) from exc
         provenance = {
@@ -409,21 +419,13 @@ def _moe_gates(model: Any, experts: list[str], layout: BlockLayout) -> dict[str,
 
 def _quantize_blocks(job: _Job, calibrator: SequentialCalibrator | _DistributedCalibration | None, partial: PartialRun, start: int,
                      executor: Executor) -> None:
-    """Quantize blocks `start`.. and store each, with the activations after it, in the partial folder."""
+    """Quantize blocks `start`.. with calibration and store each, with the activations after it, in the partial folder."""
+    if calibrator is None:  # every block was stored before this resumed run
+        return
     plan = job.plan
     keys = _keys_by_block(job)
     order = {name: i for i, name in enumerate(plan.configs)}
     progress = tqdm(range(plan.layout.count), desc=f"{job.config.algo} -> {job.config.format}", unit="block", initial=start)
-    if calibrator is None:  # independent blocks: the executor's workers quantize them, the driver writes in order
-        items = [(index, keys.get(index, [])) for index in range(start, plan.layout.count)]
-        for (index, _), (tensors, records) in zip(items, executor.map_blocks(uncalibrated_block, job, items)):
-            fault_point(f"block-{index}-before-save")
-            partial.write_block(index, tensors, records)
-            fault_point(f"block-{index}")
-            return_freed_memory(collect=False)
-            progress.update(1)
-        progress.close()
-        return
     for index in range(start, plan.layout.count):
         block = plan.layout.block_name(index) + "."
         targets = {n for n, c in plan.configs.items() if c is not None and n.startswith(block)}
@@ -469,12 +471,15 @@ def uncalibrated_block(job: _Job, item: tuple[int, list[str]]) -> tuple[list[tup
     block = plan.layout.block_name(index) + "."
     tensors: list[tuple[str, torch.Tensor]] = []
     records: list[ModuleRecord] = []
+    quantized = {key for key in keys if plan.configs.get(key.rpartition(".")[0]) is not None and key.endswith(".weight")}
+    # one read buffer for the block's weights: fresh memory per weight cost more than reading it
+    buffer = torch.empty(max((job.checkpoint.infos[key].nbytes for key in quantized), default=0), dtype=torch.uint8)
     for key in keys:
         module, _, leaf = key.rpartition(".")
-        if plan.configs.get(module) is None or leaf != "weight":
+        if key not in quantized:
             tensors.append((key, job.read(key)))
         else:
-            job.quantize_into(module, None, tensors, records)
+            job.quantize_into(module, None, tensors, records, buffer)
     records.extend(job.block_records(block))
     rename = plan.output_names
     return [(rename(k), t) for k, t in tensors], [dataclasses.replace(r, name=rename(r.name)) for r in records]
@@ -506,18 +511,76 @@ def _assemble(job: _Job, partial: PartialRun, folder: Path) -> list[ModuleRecord
             writer.copy(name, info.dtype, info.shape, info.path, info.start, info.nbytes)
         records.extend(partial.block_records(index))
     fault_point("assemble")
+    _write_outside(job, writer, outside)
+    writer.close()
+    fault_point("shards-written")
+    return records
+
+
+def _stream_blocks(job: _Job, partial: PartialRun, folder: Path, executor: Executor) -> list[ModuleRecord]:
+    """Quantize independent blocks (no calibration) on the executor's workers and write each, in order,
+    straight into the final shards, then the tensors outside the blocks. The writer's state is saved
+    after every block, so `resume` continues after the last block written (later bytes are dropped)."""
+    plan = job.plan
+    keys = _keys_by_block(job)
+    outside = keys.get(-1, [])
+    max_size, metadata = parse_size(job.config.max_shard_size), {"quantizer": "llmquant"}
+    writer: ShardWriter | None = None
+    records: list[ModuleRecord] = []
+    start = 0
+    if (saved := partial.stream_state()) is not None:
+        try:
+            writer = ShardWriter.resume(folder, max_size, metadata, saved[2])
+            start, records = saved[0] + 1, saved[1]
+            log.info("resuming %s: blocks 0-%d are written", folder, saved[0])
+        except FileNotFoundError:  # killed after the shards were closed: start over
+            pass
+    progress = tqdm(range(plan.layout.count), desc=f"{job.config.algo} -> {job.config.format}", unit="block", initial=start)
+    items = [(index, keys.get(index, [])) for index in range(start, plan.layout.count)]
+    for (index, _), (tensors, block_records) in zip(items, executor.map_blocks(uncalibrated_block, job, items)):
+        fault_point(f"block-{index}-before-save")
+        if writer is None:
+            writer = ShardWriter(folder, max_size, metadata, header_reserve=_stream_reserve(job, tensors, outside, metadata))
+        for name, tensor in tensors:
+            writer.add(name, tensor)
+        fault_point(f"block-{index}-written")  # bytes in the shards that the saved state does not cover yet
+        records.extend(block_records)
+        partial.save_stream(index, records, writer.state())
+        fault_point(f"block-{index}")
+        return_freed_memory(collect=False)
+        progress.update(1)
+    progress.close()
+    if writer is None:
+        writer = ShardWriter(folder, max_size, metadata, header_reserve=_stream_reserve(job, [], outside, metadata))
+    fault_point("assemble")
+    _write_outside(job, writer, outside)
+    writer.close()
+    fault_point("shards-written")
+    return records
+
+
+def _stream_reserve(job: _Job, first: list[tuple[str, torch.Tensor]], outside: list[str], metadata: dict[str, str]) -> int:
+    """Header room for a streamed run's shards, known before most names are: the first block's names
+    for every block (with room for longer block numbers), the tensors outside the blocks, and a
+    quarter more for blocks that differ. A header that still does not fit is written by copying."""
+    digits = len(str(job.plan.layout.count))
+    names = [(name + "0" * digits, tensor.dim()) for name, tensor in first] * job.plan.layout.count
+    names += [(job.plan.output_names(key), len(job.checkpoint.infos[key].shape)) for key in outside]
+    return header_bound(names, metadata) * 5 // 4
+
+
+def _write_outside(job: _Job, writer: ShardWriter, outside: list[str]) -> None:
+    """Write the tensors outside the blocks (embeddings, final norm, head): copied file to file where
+    they keep their dtype, cast a chunk at a time where they change it."""
     raw = type(job.checkpoint) is Checkpoint  # not a transformed model's edited tensors
     for key in outside:
         info = job.checkpoint.infos[key]
         if raw and (job.cast is None or job.cast == info.dtype or not info.dtype.is_floating_point):
             writer.copy(job.plan.output_names(key), info.dtype, info.shape, info.path, info.start, info.nbytes)
-        elif raw and job.cast is not None:  # a cast, streamed: a float32 embedding is not read whole to be halved
+        elif raw and job.cast is not None:  # a float32 embedding is not read whole to be halved
             writer.cast_copy(job.plan.output_names(key), info.dtype, job.cast, info.shape, info.path, info.start, info.nbytes)
         else:
             writer.add(job.plan.output_names(key), job.read(key))
-    writer.close()
-    fault_point("shards-written")
-    return records
 
 
 def fault_point(name: str) -> None:

@@ -56,6 +56,16 @@ class _Shard:
         self.header: dict[str, Any] = {}
         self.size = 0
 
+    @classmethod
+    def reopen(cls, path: Path, header_reserve: int, size: int, header: dict[str, Any]) -> _Shard:
+        """Continue a shard a killed writer left: its data is cut back to `size` bytes, the rest dropped."""
+        shard = cls.__new__(cls)
+        shard.path, shard.reserve, shard.header, shard.size = path, header_reserve + -header_reserve % 8, header, size
+        shard.data = open(path, "r+b")
+        shard.data.truncate(8 + shard.reserve + size)
+        shard.data.seek(8 + shard.reserve + size)
+        return shard
+
     def add(self, name: str, tensor: Tensor) -> None:
         tensor = tensor.detach().to("cpu").contiguous()
         # the tensor's own memory, not a bytes copy of it: a copy doubled the peak at a 933 MB lm_head
@@ -158,6 +168,31 @@ class ShardWriter:
         self.metadata = {"format": "pt", **(metadata or {})}
         self.shards: list[_Shard] = []
         self.total_size = 0
+
+    def state(self) -> dict[str, Any]:
+        """What `resume` needs to continue this writer after a kill (JSON-able); the data written so far
+        is flushed to the files first."""
+        for shard in self.shards:
+            shard.data.flush()
+        return {"header_reserve": self.header_reserve, "total_size": self.total_size,
+                "shards": [{"file": s.path.name, "size": s.size, "header": s.header} for s in self.shards]}
+
+    @classmethod
+    def resume(cls, folder: Path, max_shard_size: int, metadata: dict[str, str] | None, state: dict[str, Any]) -> ShardWriter:
+        """Reopen the shards a writer left in `folder` when it returned `state`; what it wrote after that
+        is dropped. Raises FileNotFoundError when a shard is gone (the writer had closed)."""
+        writer = cls(folder, max_shard_size, metadata, state["header_reserve"])
+        kept = {entry["file"] for entry in state["shards"]}
+        missing = [name for name in kept if not (writer.folder / name).exists()]
+        if missing:
+            raise FileNotFoundError(f"{writer.folder / missing[0]} is gone")
+        for stray in writer.folder.glob("shard-*.partial"):  # started after the state was taken
+            if stray.name not in kept:
+                stray.unlink()
+        writer.total_size = state["total_size"]
+        writer.shards = [_Shard.reopen(writer.folder / e["file"], writer.header_reserve, e["size"], e["header"])
+                         for e in state["shards"]]
+        return writer
 
     def add(self, name: str, tensor: Tensor) -> None:
         """Append one tensor, starting a new shard when this one would pass the size cap."""

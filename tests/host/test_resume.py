@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import hashlib
 import os
 import subprocess
@@ -65,7 +66,7 @@ def settings_args(algo: str, calib: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("algo,kill_at", [
-    ("rtn", "block-0-before-save"), ("rtn", "block-1"), ("rtn", "assemble"), ("rtn", "shards-written"), ("rtn", "before-rename"),
+    ("rtn", "block-0-before-save"), ("rtn", "block-1"), ("rtn", "block-3-written"), ("rtn", "assemble"), ("rtn", "shards-written"), ("rtn", "before-rename"),
     ("gptq", "block-0"), ("gptq", "block-2-before-save"), ("awq-gptaq", "block-1"),
 ])
 def test_killed_run_leaves_no_target_and_resumes_byte_identical(deep_llama: Path, calib: Path, tmp_path: Path,
@@ -105,7 +106,7 @@ def test_disk_full_keeps_the_partial_folder_for_resume(deep_llama: Path, tmp_pat
 
     reference = tmp_path / "reference"
     quantize(deep_llama, reference, {"group_size": 64}, plugins=pm)
-    real = resume.PartialRun.write_block
+    real = resume.PartialRun.save_stream  # a run without calibration writes its blocks straight into the shards
     calls = {"n": 0}
 
     def full_disk(self: Any, index: int, *args: Any) -> None:
@@ -114,11 +115,12 @@ def test_disk_full_keeps_the_partial_folder_for_resume(deep_llama: Path, tmp_pat
             raise OSError(errno.ENOSPC, "No space left on device")
         real(self, index, *args)
 
-    monkeypatch.setattr(resume.PartialRun, "write_block", full_disk)
+    monkeypatch.setattr(resume.PartialRun, "save_stream", full_disk)
     out = tmp_path / "out"
     with pytest.raises(LlmquantError, match="no space left on the device .* rerun the same command with --resume"):
         quantize(deep_llama, out, {"group_size": 64}, plugins=pm)
-    assert not out.exists() and (tmp_path / ".out.llmquant-partial" / "blocks" / "00001.json").exists()
-    monkeypatch.setattr(resume.PartialRun, "write_block", real)
+    partial = tmp_path / ".out.llmquant-partial"
+    assert not out.exists() and json.loads((partial / "stream.json").read_text())["done"] == 1
+    monkeypatch.setattr(resume.PartialRun, "save_stream", real)
     quantize(deep_llama, out, {"group_size": 64}, plugins=pm, resume=True)
     assert file_hashes(out) == file_hashes(reference)

@@ -173,3 +173,32 @@ def test_cast_copy_streams_what_adding_the_cast_tensor_writes(tmp_path: Path, mo
                 writer.cast_copy(name, info.dtype, target, info.shape, info.path, info.start, info.nbytes)
         writer.close()
     assert (tmp_path / "added" / "model.safetensors").read_bytes() == (tmp_path / "cast" / "model.safetensors").read_bytes()
+
+
+def test_a_resumed_writer_drops_what_came_after_its_state_and_writes_the_same_files(tmp_path: Path) -> None:
+    """`state` after some tensors, more written (into a new shard too), then `resume` from the state:
+    the later bytes and the stray shard are gone, and finishing gives the files of one unbroken writer."""
+    names = list(TENSORS)
+    (tmp_path / "whole").mkdir()
+    whole = ShardWriter(tmp_path / "whole", max_shard_size=50, header_reserve=4096)
+    for name in names:
+        whole.add(name, TENSORS[name])
+    whole.close()
+
+    folder = tmp_path / "resumed"
+    folder.mkdir()
+    first = ShardWriter(folder, max_shard_size=50, header_reserve=4096)
+    for name in names[:2]:
+        first.add(name, TENSORS[name])
+    state = json.loads(json.dumps(first.state()))
+    for name in names[2:]:  # written after the state was taken, then lost to a kill
+        first.add(name, torch.full_like(TENSORS[name], 7))
+    for shard in first.shards:
+        shard.data.close()
+    assert len(list(folder.glob("shard-*.partial"))) > len(state["shards"])
+    second = ShardWriter.resume(folder, 50, None, state)
+    for name in names[2:]:
+        second.add(name, TENSORS[name])
+    second.close()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert all((folder / p.name).read_bytes() == p.read_bytes() for p in (tmp_path / "whole").iterdir())
