@@ -39,6 +39,7 @@ from llmquant.host.checkpoint import Checkpoint
 from llmquant.host.distributed import CalibrationPool, WorkerSpec, split_batches
 from llmquant.host.executor import Executor, make_executor
 from llmquant.host.output import OutputFolder
+from llmquant.host.precast import OutsideCast
 from llmquant.host.transforms import EditedCheckpoint, Transforms, fake_quantizer, transform_steps
 from llmquant.host.resume import PartialRun, disk_full_error, fingerprint_run
 from llmquant.host.source import imported_float_dtype, origin_of
@@ -160,10 +161,39 @@ def quantize_checkpoint(
 ) -> QuantizeReport:
     """Quantize the checkpoint folder `source` into `output`, block by block.
 
-    Every check that can fail on bad input runs before the first tensor is read; the output
-    appears at `output` only once complete. Each finished block is kept in the temporary
-    folder, so `resume` continues an interrupted run from the last finished block.
+    Every check that can fail on bad input runs before the first tensor is used (a run without
+    calibration starts casting its embeddings on a background thread, dropped if a check fails);
+    the output appears at `output` only once complete. Each finished block is kept in the
+    temporary folder, so `resume` continues an interrupted run from the last finished block.
     """
+    precast = _cast_outside_ahead(source, output, config, plugins)
+    try:
+        return _quantize_checkpoint(source, output, config, algo_config, plugins, overwrite=overwrite, resume=resume,
+                                    precast=precast)
+    finally:
+        if precast is not None:
+            precast.close()
+
+
+def _cast_outside_ahead(source: Path, output: Path, config: QuantizeConfig, plugins: Plugins) -> OutsideCast | None:
+    """Start casting the embeddings and head while the model is set up (`llmquant.host.precast`), for a
+    run without calibration or transforms whose output dtype differs from the checkpoint's."""
+    dtype = imported_float_dtype(source) if config.dtype == "auto" and source.is_dir() else config.dtype
+    if dtype in (None, "auto") or config.transforms or not output.parent.is_dir():
+        return None
+    try:
+        if plugins.algorithm(config.algo).cls.needs_calibration:
+            return None
+        checkpoint = Checkpoint(source)
+    except LlmquantError:  # the run itself reports it, in its own order
+        return None
+    return OutsideCast(checkpoint, getattr(torch, str(dtype)), output.parent / f".{output.name}.llmquant-outside")
+
+
+def _quantize_checkpoint(
+    source: Path, output: Path, config: QuantizeConfig, algo_config: Any, plugins: Plugins,
+    *, overwrite: bool, resume: bool, precast: OutsideCast | None,
+) -> QuantizeReport:
     from transformers import AutoConfig
 
     start = time.perf_counter()
@@ -228,7 +258,7 @@ def quantize_checkpoint(
                     calibrator.load_inputs(partial.load_activations(done[-1]))
             try:
                 if samples is None:  # independent blocks, written straight into the final shards
-                    records = _stream_blocks(job, partial, tmp, executor)
+                    records = _stream_blocks(job, partial, tmp, executor, precast)
                 else:
                     _quantize_blocks(job, calibrator, partial, len(done), executor)
             finally:
@@ -517,7 +547,7 @@ def _assemble(job: _Job, partial: PartialRun, folder: Path) -> list[ModuleRecord
     return records
 
 
-def _stream_blocks(job: _Job, partial: PartialRun, folder: Path, executor: Executor) -> list[ModuleRecord]:
+def _stream_blocks(job: _Job, partial: PartialRun, folder: Path, executor: Executor, precast: OutsideCast | None) -> list[ModuleRecord]:
     """Quantize independent blocks (no calibration) on the executor's workers and write each, in order,
     straight into the final shards, then the tensors outside the blocks. The writer's state is saved
     after every block, so `resume` continues after the last block written (later bytes are dropped)."""
@@ -553,7 +583,7 @@ def _stream_blocks(job: _Job, partial: PartialRun, folder: Path, executor: Execu
     if writer is None:
         writer = ShardWriter(folder, max_size, metadata, header_reserve=_stream_reserve(job, [], outside, metadata))
     fault_point("assemble")
-    _write_outside(job, writer, outside)
+    _write_outside(job, writer, outside, precast)
     writer.close()
     fault_point("shards-written")
     return records
@@ -569,13 +599,17 @@ def _stream_reserve(job: _Job, first: list[tuple[str, torch.Tensor]], outside: l
     return header_bound(names, metadata) * 5 // 4
 
 
-def _write_outside(job: _Job, writer: ShardWriter, outside: list[str]) -> None:
+def _write_outside(job: _Job, writer: ShardWriter, outside: list[str], precast: OutsideCast | None = None) -> None:
     """Write the tensors outside the blocks (embeddings, final norm, head): copied file to file where
-    they keep their dtype, cast a chunk at a time where they change it."""
+    they keep their dtype or were cast ahead, cast a chunk at a time where they change it."""
     raw = type(job.checkpoint) is Checkpoint  # not a transformed model's edited tensors
+    cast_ahead = precast.take() if precast is not None and raw and job.cast == precast.target else {}
     for key in outside:
         info = job.checkpoint.infos[key]
-        if raw and (job.cast is None or job.cast == info.dtype or not info.dtype.is_floating_point):
+        if key in cast_ahead and job.cast is not None and precast is not None:
+            offset, nbytes = cast_ahead[key]
+            writer.copy(job.plan.output_names(key), job.cast, info.shape, precast.path, offset, nbytes)
+        elif raw and (job.cast is None or job.cast == info.dtype or not info.dtype.is_floating_point):
             writer.copy(job.plan.output_names(key), info.dtype, info.shape, info.path, info.start, info.nbytes)
         elif raw and job.cast is not None:  # a float32 embedding is not read whole to be halved
             writer.cast_copy(job.plan.output_names(key), info.dtype, job.cast, info.shape, info.path, info.start, info.nbytes)

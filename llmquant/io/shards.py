@@ -17,13 +17,13 @@ import os
 import shutil
 import struct
 from pathlib import Path
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
 
-__all__ = ["DTYPE_NAMES", "ShardWriter", "header_bound", "parse_size"]
+__all__ = ["DTYPE_NAMES", "ShardWriter", "cast_stream", "header_bound", "parse_size"]
 
 DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -108,21 +108,10 @@ class _Shard:
 
     def cast_copy(self, name: str, dtype: torch.dtype, target: torch.dtype, shape: tuple[int, ...], source: Path,
                   start: int, nbytes: int) -> None:
-        """Append a float tensor stored in `source` as `dtype`, converted to `target` a chunk at a time
-        through two small reused buffers: no whole-tensor copy is ever allocated."""
-        count = nbytes // dtype.itemsize
-        out_bytes = count * target.itemsize
+        """Append a float tensor stored in `source` as `dtype`, converted to `target` (see `cast_stream`)."""
+        out_bytes = nbytes // dtype.itemsize * target.itemsize
         self.header[name] = {"dtype": DTYPE_NAMES[target], "shape": list(shape), "data_offsets": [self.size, self.size + out_bytes]}
-        step = max(1, min(count, _CAST_CHUNK_BYTES // dtype.itemsize))
-        stored, cast = torch.empty(step, dtype=dtype), torch.empty(step, dtype=target)
-        with open(source, "rb") as src:
-            src.seek(start)
-            for done in range(0, count, step):
-                n = min(step, count - done)
-                if src.readinto(stored[:n].view(torch.uint8).numpy().data) != n * dtype.itemsize:
-                    raise OSError(f"{source} ended while copying {name!r}")
-                cast[:n].copy_(stored[:n])
-                self.data.write(cast[:n].view(torch.uint8).numpy().data)
+        cast_stream(source, start, nbytes, dtype, target, self.data)
         self.size += out_bytes
 
     def close(self, final_path: Path, metadata: dict[str, str]) -> None:
@@ -141,6 +130,27 @@ class _Shard:
             data.seek(8 + self.reserve)
             shutil.copyfileobj(data, out, 16 * 2**20)
         os.remove(self.path)
+
+
+def cast_stream(source: Path, start: int, nbytes: int, dtype: torch.dtype, target: torch.dtype, out: BinaryIO,
+                stop: Callable[[], bool] | None = None) -> bool:
+    """Write the `dtype` values at bytes ``start:start+nbytes`` of `source` to `out` as `target`, a chunk
+    at a time through two small reused buffers: no whole-tensor copy is ever allocated. Returns False
+    when `stop` said to stop before the end."""
+    count = nbytes // dtype.itemsize
+    step = max(1, min(count, _CAST_CHUNK_BYTES // dtype.itemsize))
+    stored, cast = torch.empty(step, dtype=dtype), torch.empty(step, dtype=target)
+    with open(source, "rb") as src:
+        src.seek(start)
+        for done in range(0, count, step):
+            if stop is not None and stop():
+                return False
+            n = min(step, count - done)
+            if src.readinto(stored[:n].view(torch.uint8).numpy().data) != n * dtype.itemsize:
+                raise OSError(f"{source} ended at byte {start + done * dtype.itemsize} while casting")
+            cast[:n].copy_(stored[:n])
+            out.write(cast[:n].view(torch.uint8).numpy().data)
+    return True
 
 
 def header_bound(names: Iterable[tuple[str, int]], metadata: dict[str, str] | None = None) -> int:
