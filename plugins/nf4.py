@@ -164,12 +164,14 @@ def nf4_quantize(W: Tensor, blocksize: int = 64, codebook: str = "nf4", double_q
     size = min(blocks.shape[0], rows) * blocksize  # reused buffers: fresh ones cost a page fault per 4 KB
     position, index = torch.empty(size, device=W.device), torch.empty(size, dtype=torch.int32, device=W.device)
     midpoint, above = torch.empty(size, device=W.device), torch.empty(size, dtype=torch.bool, device=W.device)
+    scaled_buffer = torch.empty(size, device=W.device)
     for start in range(0, blocks.shape[0], rows):  # chunks that stay in cache: about twice as fast as whole tensors
-        chunk = blocks[start:start + rows].to(torch.float32, copy=True)
+        chunk = blocks[start:start + rows].to(torch.float32)  # no copy when W is float32 already
+        n = chunk.numel()
         chunk_absmax = absmax[start:start + rows]
-        torch.amax(chunk.abs(), dim=-1, out=chunk_absmax)
-        scaled = chunk.mul_((1.0 / chunk_absmax.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1).view(-1)
-        n = scaled.numel()
+        torch.amax(torch.abs(chunk, out=scaled_buffer[:n].view(chunk.shape)), dim=-1, out=chunk_absmax)
+        scaled = torch.mul(chunk, (1.0 / chunk_absmax.clamp(min=1e-38)).view(-1, 1), out=scaled_buffer[:n].view(chunk.shape))
+        scaled = scaled.clamp_(-1, 1).view(-1)
         # the nearest code is the count of midpoints below the value: the table gives it per bin of [-1, 1],
         # bar the one midpoint a bin may hold, which is compared exactly (3x faster than 15 comparisons)
         torch.mul(scaled, bins / 2, out=position[:n]).add_(bins / 2)
