@@ -179,7 +179,7 @@ def nf4_quantize(W: Tensor, blocksize: int = 64, codebook: str = "nf4", double_q
         nearest = codes[start:start + rows].view(-1)
         torch.index_select(below, 0, index[:n], out=nearest)
         torch.index_select(inside, 0, index[:n], out=midpoint[:n])
-        nearest += torch.gt(scaled, midpoint[:n], out=above[:n])
+        nearest.add_(torch.gt(scaled, midpoint[:n], out=above[:n]).view(torch.uint8))
         if not sorted_code:
             nearest.copy_(order[nearest.long()])
     nested = quantize_absmax(absmax) if double_quant else None

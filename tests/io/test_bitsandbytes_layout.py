@@ -50,3 +50,11 @@ def test_tensors_equal_what_bitsandbytes_saves(double_quant: bool) -> None:
             assert json.loads(bytes(ours[key].tolist())) == json.loads(bytes(tensor.tolist()))
         elif not (double_quant and key == "weight.absmax"):
             assert torch.equal(ours[key], tensor), key
+
+
+def test_nibble_packing_by_words_equals_two_strided_slices() -> None:
+    from llmquant.io.bitsandbytes import pack_nibbles
+
+    codes = torch.randint(0, 16, (2 * 12345,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    codes[:4] = torch.tensor([15, 15, 0, 15], dtype=torch.uint8)  # the extremes of both nibbles
+    assert torch.equal(pack_nibbles(codes), (codes[0::2] << 4) | codes[1::2])
