@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -118,6 +119,8 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--work", default="/tmp/llmquant-bench-executors")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per calibration-free row (RTN, NF4), the median's kept: timings here vary by 20%%")
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--docs", action="store_true", help="only rebuild the docs section from the results")
     args = parser.parse_args()
@@ -131,13 +134,13 @@ def main() -> None:
     model = model_folder(args.model)
     data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     data["setup"] = {"model": MODELS[args.model].description, "checkpoint_mb": sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e6,
-                     "read_mb_s": read_speed_mb_s(model), "calibration": f"{args.calib_samples} x {args.calib_seqlen}",
+                     "read_mb_s": statistics.median(read_speed_mb_s(model) for _ in range(3)), "calibration": f"{args.calib_samples} x {args.calib_seqlen}",
                      "cpus": os.cpu_count()}
     rows = data.setdefault("rows", {})
     work = Path(args.work)
     cluster = None
     try:
-        for row in args.rows.split(","):
+        for row in sorted(args.rows.split(","), key=lambda r: r.startswith("ray")):  # no idle cluster beside local rows
             if row in rows and not args.redo:
                 continue
             where, algo = row.split("-", 1)
@@ -150,9 +153,13 @@ def main() -> None:
                 cluster = cluster or start_cluster()
                 settings.update(executor="ray", ray_address=cluster.address, workers=2)
             out = work / row
-            shutil.rmtree(out, ignore_errors=True)
             print(f"{row} ...", flush=True)
-            result = run_row(model, out, settings)
+            runs = []
+            for _ in range(1 if algo == "gptq" else args.repeat):
+                shutil.rmtree(out, ignore_errors=True)
+                runs.append(run_row(model, out, settings))
+            result = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]  # the median run
+            result["wall_runs"] = [r["wall_s"] for r in runs]
             result["mb_s"] = data["setup"]["checkpoint_mb"] / result["wall_s"]
             result["vs_read"] = result["mb_s"] / data["setup"]["read_mb_s"]
             result["hash"] = output_hash(out)
@@ -170,7 +177,8 @@ def table(data: dict[str, Any]) -> list[str]:
     setup, rows = data["setup"], data["rows"]
     lines = [f"{setup['model']}, checkpoint {setup['checkpoint_mb']:.0f} MB, raw read {setup['read_mb_s']:.0f} MB/s; GPTQ "
              f"calibration {setup['calibration']} tokens; {setup['cpus']} CPUs. Ray: a head with no CPUs and two worker "
-             f"nodes of one CPU each on this machine, `--workers 2`.", "",
+             f"nodes of one CPU each on this machine, `--workers 2`. Rows without calibration: the median of "
+             f"several runs (their range in brackets); raw read: the median of 3 reads.", "",
              "| row | wall s | MB/s (vs raw read) | driver peak RSS MB | worker peak RSS MB | MB moved per block (to / from the driver) | same bytes as local |",
              "|---|---|---|---|---|---|---|"]
     for row, r in rows.items():
@@ -180,7 +188,9 @@ def table(data: dict[str, Any]) -> list[str]:
         local = rows.get("local-" + row.split("-", 1)[1], {}).get("hash")
         same = "-" if row.startswith("local") else ("yes" if r["hash"] == local else "no" if local else "?")
         workers = ", ".join(f"{m:.0f}" for m in r["worker_peak_mb"]) or "-"
-        lines.append(f"| {row} | {r['wall_s']:.1f} | {r['mb_s']:.0f} ({r['vs_read']:.2f}x) | {r['driver_peak_mb']:.0f} | "
+        runs = r.get("wall_runs") or [r["wall_s"]]
+        wall = f"{r['wall_s']:.1f}" + (f" ({min(runs):.1f}-{max(runs):.1f})" if len(runs) > 1 else "")
+        lines.append(f"| {row} | {wall} | {r['mb_s']:.0f} ({r['vs_read']:.2f}x) | {r['driver_peak_mb']:.0f} | "
                      f"{workers} | {moved} | {same} |")
     return lines
 
