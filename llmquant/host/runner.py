@@ -558,7 +558,10 @@ def _stream_blocks(job: _Job, partial: PartialRun, folder: Path, executor: Execu
     writer: ShardWriter | None = None
     records: list[ModuleRecord] = []
     start = 0
-    if (saved := partial.stream_state()) is not None:
+    if (saved := partial.stream_state()) is not None and saved[2].get("closed"):  # only the format's finish was left
+        log.info("resuming %s: every block is in the shards", folder)
+        return saved[1]
+    if saved is not None:
         try:
             writer = ShardWriter.resume(folder, max_size, metadata, saved[2])
             start, records = saved[0] + 1, saved[1]
@@ -585,6 +588,7 @@ def _stream_blocks(job: _Job, partial: PartialRun, folder: Path, executor: Execu
     fault_point("assemble")
     _write_outside(job, writer, outside, precast)
     writer.close()
+    partial.save_stream(plan.layout.count - 1, records, {"closed": True})  # a failing format finish loses no block
     fault_point("shards-written")
     return records
 

@@ -237,14 +237,13 @@ def test_a_run_whose_gguf_writing_fails_resumes_without_requantizing(llama_bpe: 
     with pytest.raises(ValueError, match="boom"):
         quantize(llama_bpe, out, {"format": "gguf", "gguf_type": "q4_0", "group_size": 32})
     partial = next(tmp_path.glob(".out*partial*"))
-    assert len(list((partial / "blocks").iterdir())) >= 2
+    assert json.loads((partial / "stream.json").read_text())["writer"] == {"closed": True}  # every block is in the shards
     monkeypatch.setattr("llmquant_plugins.gguf_format.write_gguf", write)
     quantized = []
-    quantize_blocks = runner._quantize_blocks
-    monkeypatch.setattr(runner, "_quantize_blocks", lambda job, cal, part, start, executor: quantized.append(start) or
-                        quantize_blocks(job, cal, part, start, executor))
+    block = runner.uncalibrated_block
+    monkeypatch.setattr(runner, "uncalibrated_block", lambda job, item: quantized.append(item[0]) or block(job, item))
     quantize(llama_bpe, out, {"format": "gguf", "gguf_type": "q4_0", "group_size": 32}, resume=True)
-    assert quantized == [2]  # both blocks were done: nothing quantized again
+    assert quantized == []  # both blocks were done: nothing quantized again
     assert (out / "model.gguf").read_bytes() == (q4_0 / "model.gguf").read_bytes()
 
 
